@@ -1,0 +1,1 @@
+"""tpp-pipeline: structured pruning of CNNs with Trainability Preserving Pruning (Wang & Fu, ICLR 2023)."""

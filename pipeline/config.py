@@ -1,0 +1,290 @@
+"""The settings schema and its loading from params.yaml.
+
+params.yaml is the single hand-edited source of experiment settings. It is composed with hydra-core's Compose
+API (so stage scripts accept Hydra-style overrides such as `prune.ratio=0.7` for debugging) and checked against
+the dataclasses below before any work starts: an unknown key, a wrong type or a value out of range raises a
+`ConfigError` naming the key's full name and the fix. Settings are never rewritten silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how it is fed."""
+
+    name: str = "digits"
+    root: str = "data"
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    image_size: Optional[int] = None
+    channels: Optional[int] = None
+    augment: bool = True
+    download: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The architecture, by registry name, and its constructor options."""
+
+    name: str = "resnet20"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """SGD with a step learning-rate schedule by epoch: pretraining and retraining."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: List[int] = field(default_factory=lambda: [15, 25])
+    gamma: float = 0.1
+
+
+@dataclass
+class RegularizerConfig:
+    """TPP's penalties and the λ schedule λ_t = min(max_lambda, delta * floor(t / interval))."""
+
+    alpha: float = 1000.0
+    delta: float = 1e-4
+    interval: int = 10
+    max_lambda: float = 1.0
+    stabilize_steps: int = 10000
+    decorrelation: bool = True
+    bn_penalty: bool = True
+    zero_out: bool = False
+    zero_out_interval: int = 100
+
+
+@dataclass
+class PruneConfig:
+    """Which filters to prune, how, and the regularized training that precedes removal."""
+
+    method: str = "tpp"
+    layers: List[str] = field(default_factory=lambda: ["*layer*.conv1"])
+    ratio: float = 0.9
+    ratios: Dict[str, float] = field(default_factory=dict)
+    skip: List[str] = field(default_factory=list)
+    batch_size: int = 128
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    reg: RegularizerConfig = field(default_factory=RegularizerConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """How the final comparison is measured."""
+
+    latency_batch_size: int = 64
+    latency_repeats: int = 20
+
+
+@dataclass
+class Config:
+    """All settings of one experiment: one section per stage plus the shared ones."""
+
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    retrain: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def layer_ratios(self) -> Dict[str, float]:
+        """The pattern → ratio mapping used for selection: `layers` at `ratio`, then `ratios` (last match wins)."""
+        return {**{pattern: self.prune.ratio for pattern in self.prune.layers}, **self.prune.ratios}
+
+
+def project_root() -> Path:
+    """The repository root: DVC_ROOT when DVC runs the stage, else the nearest folder with a dvc.yaml."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists():
+            return folder
+    return here
+
+
+def load_config(overrides: Sequence[str] = (), path: Optional[Path] = None) -> Config:
+    """Read params.yaml (plus Hydra-style overrides) into a validated `Config`."""
+    path = Path(path) if path is not None else project_root() / "params.yaml"
+    if not path.is_file():
+        raise ConfigError(f"The settings file {path} does not exist. Run the stage from the repository root "
+                          f"(where params.yaml lives) or pass the file's path.")
+    raw = _compose(path, overrides)
+    _check_keys(raw, Config, prefix="")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise ConfigError(f"params.yaml: the value of '{key}' has the wrong type ({_first_line(error)}). "
+                          f"Expected {_expected_type(key)}; fix it in params.yaml.") from None
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> Dict[str, Any]:
+    """Plain nested dict of the settings, for checkpoints and experiment tracking."""
+    return dataclasses.asdict(config)
+
+
+def _compose(path: Path, overrides: Sequence[str]) -> Dict[str, Any]:
+    """Compose the YAML with Hydra so command-line overrides use Hydra's grammar."""
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None, job_name="tpp"):
+            composed = compose(config_name=path.stem, overrides=list(overrides))
+    except HydraException as error:
+        raise ConfigError(f"Could not apply the settings {list(overrides)} to {path.name}: "
+                          f"{_first_line(error)}. Overrides look like `prune.ratio=0.7`; "
+                          f"keys must exist in params.yaml.") from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path.name} could not be read: {_first_line(error)}. Check its YAML syntax.") from None
+    container = OmegaConf.to_container(composed, resolve=True) if isinstance(composed, DictConfig) else None
+    if not isinstance(container, dict):
+        raise ConfigError(f"{path.name} must be a mapping of sections (seed, data, model, ...); it is not.")
+    return container
+
+
+def _check_keys(raw: Dict[str, Any], schema: type, prefix: str) -> None:
+    """Refuse keys the schema does not know, suggesting the closest known one."""
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        full_key = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(f"params.yaml: unknown key '{full_key}'.{hint} Known keys in {section}: "
+                              f"{', '.join(sorted(known))}. Rename or remove it.")
+        field_type = _dataclass_type(known[key].type)
+        if field_type is not None and isinstance(value, dict):
+            _check_keys(value, field_type, prefix=f"{full_key}.")
+
+
+def _dataclass_type(annotation: Any) -> Optional[type]:
+    """The nested dataclass a field holds, if any (annotations are strings under `from __future__`)."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    candidate = globals().get(name)
+    return candidate if dataclasses.is_dataclass(candidate) else None
+
+
+def _expected_type(full_key: str) -> str:
+    """Human name of the schema type at a dotted key."""
+    schema: Any = Config
+    annotation: Any = "a value"
+    for part in full_key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            break
+        annotation = fields[part].type
+        schema = _dataclass_type(annotation)
+    return f"{annotation}" if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def validate(config: Config) -> None:
+    """Range and name checks that types alone cannot express; raise on the first problem."""
+    from pipeline.data import available_datasets
+    from pipeline.methods import available_methods
+    from pipeline.models import available_models
+
+    _require(DEVICE_PATTERN.match(config.device) is not None, "device",
+             f"'{config.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
+    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
+    _one_of("data.name", config.data.name, available_datasets())
+    _one_of("model.name", config.model.name, available_models())
+    _one_of("prune.method", config.prune.method, available_methods())
+    _positive("data.eval_batch_size", config.data.eval_batch_size)
+    _require(config.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    for key in ("image_size", "channels"):
+        value = getattr(config.data, key)
+        _require(value is None or value >= 1, f"data.{key}", "must be null (native) or a positive integer")
+    for section in ("pretrain", "retrain"):
+        _validate_training(section, getattr(config, section))
+    _validate_prune(config.prune)
+    _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
+    _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
+
+
+def _validate_training(section: str, train: TrainConfig) -> None:
+    _positive(f"{section}.epochs", train.epochs)
+    _positive(f"{section}.batch_size", train.batch_size)
+    _positive(f"{section}.lr", train.lr)
+    _require(0 <= train.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
+    _require(train.weight_decay >= 0, f"{section}.weight_decay", "must be 0 or more")
+    _require(0 < train.gamma <= 1, f"{section}.gamma", "must be in (0, 1]")
+    milestones = list(train.milestones)
+    _require(milestones == sorted(set(milestones)) and all(m >= 1 for m in milestones), f"{section}.milestones",
+             f"{milestones} must be strictly increasing epoch numbers of at least 1")
+    _require(all(m < train.epochs for m in milestones), f"{section}.milestones",
+             f"{milestones} has an epoch at or past {section}.epochs={train.epochs}, so it would never apply")
+
+
+def _validate_prune(prune: PruneConfig) -> None:
+    _require(len(prune.layers) + len(prune.ratios) > 0, "prune.layers",
+             "is empty and prune.ratios too: name at least one layer pattern such as '*layer*.conv1'")
+    _ratio("prune.ratio", prune.ratio)
+    for pattern, ratio in prune.ratios.items():
+        _ratio(f"prune.ratios['{pattern}']", ratio)
+    _positive("prune.batch_size", prune.batch_size)
+    _positive("prune.lr", prune.lr)
+    _require(0 <= prune.momentum < 1, "prune.momentum", "must be in [0, 1)")
+    _require(prune.weight_decay >= 0, "prune.weight_decay", "must be 0 or more")
+    reg = prune.reg
+    _require(reg.alpha >= 0, "prune.reg.alpha", "must be 0 or more")
+    _positive("prune.reg.delta", reg.delta)
+    _positive("prune.reg.interval", reg.interval)
+    _positive("prune.reg.max_lambda", reg.max_lambda)
+    _require(reg.stabilize_steps >= 0, "prune.reg.stabilize_steps", "must be 0 or more")
+    _positive("prune.reg.zero_out_interval", reg.zero_out_interval)
+
+
+def _ratio(key: str, value: float) -> None:
+    _require(0 <= value < 1 and math.isfinite(value), key,
+             f"{value} is not a pruning ratio; it must be in [0, 1) (a whole layer is never pruned)")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0 and math.isfinite(value), key, f"{value} must be greater than 0")
+
+
+def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+    close = difflib.get_close_matches(value, list(allowed), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    _require(value in allowed, key, f"'{value}' is unknown.{hint} Available: {', '.join(allowed)}")
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(f"params.yaml: '{key}' {problem}. Fix it in params.yaml (or in the override you passed).")
