@@ -1,0 +1,239 @@
+"""TPP's formulas, schedule, gradient injection and filter selection."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import RegularizerConfig
+from pipeline.errors import PruningError
+from pipeline.models import create_model
+from pipeline.surgery import build_graph, group_members
+from pipeline.tpp import (LambdaSchedule, TPPRegularizer, decorrelation_loss, layer_ratios, pruned_count,
+                          select_filters)
+from pipeline.train import fit, sgd
+
+
+def direct_decorrelation(weight: torch.Tensor, pruned: list) -> torch.Tensor:
+    """The paper's definition, entry by entry: mean over N² of ((G − T)²)."""
+    rows = weight.flatten(1)
+    n = rows.shape[0]
+    total = torch.zeros(())
+    for i in range(n):
+        for j in range(n):
+            g = rows[i] @ rows[j]
+            target = 0.0 if (i in pruned or j in pruned) else g.item()
+            total = total + (g - target) ** 2
+    return total / n**2
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (10, 7)])
+def test_decorrelation_loss_equals_direct_computation(shape):
+    torch.manual_seed(0)
+    weight = torch.randn(shape)
+    pruned = [1, 4, 5]
+    expected = direct_decorrelation(weight, pruned)
+    assert decorrelation_loss(weight, torch.tensor(pruned)).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_decorrelation_loss_is_zero_when_pruned_filters_are_zero():
+    weight = torch.randn(6, 4, 3, 3)
+    pruned = torch.tensor([0, 2])
+    assert decorrelation_loss(weight, pruned).item() > 0
+    weight[pruned] = 0
+    assert decorrelation_loss(weight, pruned).item() == 0
+
+
+def test_kept_filter_gradient_lies_in_span_of_pruned_filters():
+    torch.manual_seed(1)
+    weight = torch.randn(12, 30, requires_grad=True)
+    pruned = torch.tensor([2, 7, 9])
+    decorrelation_loss(weight, pruned).backward()
+    kept = [i for i in range(12) if i not in pruned.tolist()]
+    basis = weight.detach()[pruned].T
+    kept_grads = weight.grad[kept].T
+    coefficients = torch.linalg.lstsq(basis, kept_grads).solution
+    residual = kept_grads - basis @ coefficients
+    assert kept_grads.abs().max() > 1e-3
+    assert residual.abs().max() < 1e-5 * kept_grads.abs().max()
+
+
+def test_no_pruned_filters_means_no_loss_and_no_gradient():
+    weight = torch.randn(5, 9, requires_grad=True)
+    loss = decorrelation_loss(weight, torch.tensor([], dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0 and weight.grad.abs().max() == 0
+
+
+def test_lambda_schedule_matches_the_paper_formula():
+    schedule = LambdaSchedule(delta=1e-4, interval=10, max_lambda=1.0, stabilize_steps=10000)
+    assert schedule(0) == 0 and schedule(9) == 0
+    assert schedule(10) == pytest.approx(1e-4)
+    assert schedule(25) == pytest.approx(2e-4)
+    assert schedule(10**7) == 1.0
+    assert schedule.update_steps == 100_000
+    assert schedule.total_steps == 110_000
+    assert schedule(schedule.update_steps) == pytest.approx(1.0)
+    assert schedule(schedule.update_steps - 1) < 1.0
+
+
+@pytest.mark.parametrize("ratio, filters, expected", [(0.95, 16, 15), (0.3, 10, 3), (0.7, 10, 7), (0.5, 16, 8),
+                                                      (0.9, 64, 58), (0.99, 100, 99), (0.999, 16, 15), (0.3, 1, 0)])
+def test_pruned_count_follows_the_paper_rule(ratio, filters, expected):
+    assert pruned_count(ratio, filters) == expected
+
+
+def test_layer_ratios_last_match_wins_and_skip_forces_zero():
+    names = ["layer1.0.conv1", "layer1.0.conv2", "layer4.0.conv1", "fc"]
+    ratios = {"*conv*": 0.3, "layer4*": 0.14}
+    resolved = layer_ratios(names, ratios, skip=["layer1.0.conv2"])
+    assert resolved == {"layer1.0.conv1": 0.3, "layer1.0.conv2": 0.0, "layer4.0.conv1": 0.14, "fc": 0.0}
+
+
+def test_select_filters_picks_smallest_mean_abs_filters():
+    model = create_model("resnet20", 10, in_channels=1, image_size=8)
+    conv = model.layer1[0].conv1
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(16, dtype=torch.float32).flip(0).view(16, 1, 1, 1).expand_as(conv.weight))
+    pruned = select_filters(model, {"layer1.0.conv1": 0.25})
+    assert list(pruned) == ["layer1.0.conv1"]
+    assert pruned["layer1.0.conv1"].tolist() == [12, 13, 14, 15]
+
+
+def test_select_filters_paper_pattern_on_resnet56():
+    model = create_model("resnet56", 10)
+    pruned = select_filters(model, {"*layer*.conv1": 0.9}, example_inputs=torch.zeros(1, 3, 32, 32))
+    assert len(pruned) == 27
+    assert all(name.endswith(".conv1") and name.startswith("layer") for name in pruned)
+    counts = {model.get_submodule(name).out_channels: len(idx) for name, idx in pruned.items()}
+    assert counts == {16: 15, 32: 29, 64: 58}
+
+
+def test_unmatched_pattern_lists_real_layer_names():
+    model = create_model("resnet20", 10, in_channels=1, image_size=8)
+    with pytest.raises(PruningError, match=r"'\*block\*\.conv1' matches no .*layer1\.0\.conv1"):
+        select_filters(model, {"*block*.conv1": 0.5})
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_unit_interval_is_refused(ratio):
+    model = create_model("resnet20", 10, in_channels=1, image_size=8)
+    with pytest.raises(PruningError, match="outside \\[0, 1\\)"):
+        select_filters(model, {"*layer*.conv1": ratio})
+
+
+def test_residual_stream_through_zero_padding_shortcut_is_refused():
+    model = create_model("resnet20", 10, in_channels=1, image_size=8, shortcut="A")
+    with pytest.raises(PruningError, match="zero-pad.*shortcut: B"):
+        select_filters(model, {"layer1.0.conv2": 0.5}, example_inputs=torch.zeros(1, 1, 8, 8))
+
+
+def test_output_layer_and_coupled_layers_are_refused():
+    model = create_model("resnet20", 10, in_channels=1, image_size=8, shortcut="B")
+    example = torch.zeros(1, 1, 8, 8)
+    with pytest.raises(PruningError, match="network's output"):
+        select_filters(model, {"fc": 0.5}, example_inputs=example)
+    with pytest.raises(PruningError, match="share their output channels"):
+        select_filters(model, {"layer1.0.conv2": 0.5, "layer1.1.conv2": 0.5}, example_inputs=example)
+
+
+class ShuffledRegistration(nn.Module):
+    """BatchNorms registered before the convs and in swapped order: module order must not be trusted."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn_b = nn.BatchNorm2d(8)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.conv_b = nn.Conv2d(6, 8, 3, padding=1)
+        self.conv_a = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_a(self.conv_a(x)))
+        x = torch.relu(self.bn_b(self.conv_b(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_consuming_batchnorm_is_found_through_the_graph():
+    model = ShuffledRegistration()
+    members = group_members(build_graph(model, torch.zeros(1, 1, 6, 6)), model.conv_a, [0, 1])
+    assert sorted(m.name for m in members) == ["bn_a", "conv_a"]
+
+
+def test_gradient_injection_equals_explicit_half_lambda_l2_loss():
+    torch.manual_seed(0)
+    model = ShuffledRegistration()
+    reference = copy.deepcopy(model)
+    inputs, targets = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    pruned = {"conv_a": torch.tensor([1, 4]), "conv_b": torch.tensor([0])}
+    config = RegularizerConfig(alpha=0.0, delta=0.5, interval=1, max_lambda=1.0, stabilize_steps=0)
+    regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 6, 6), config)
+    regularizer.step = 1
+    lam = regularizer.current_lambda
+    assert lam == 0.5
+
+    nn.functional.cross_entropy(model(inputs), targets).backward()
+    regularizer.before_optimizer_step()
+
+    explicit = nn.functional.cross_entropy(reference(inputs), targets)
+    for conv, bn, idx in ((reference.conv_a, reference.bn_a, pruned["conv_a"]),
+                          (reference.conv_b, reference.bn_b, pruned["conv_b"])):
+        for parameter in (conv.weight, conv.bias, bn.weight, bn.bias):
+            explicit = explicit + lam / 2 * parameter[idx].pow(2).sum()
+    explicit.backward()
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(got.grad, want.grad, atol=1e-6), name
+
+
+def test_bn_penalty_switch_leaves_batchnorm_gradients_alone():
+    model = ShuffledRegistration()
+    config = RegularizerConfig(delta=1.0, interval=1, stabilize_steps=0, bn_penalty=False)
+    regularizer = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), config)
+    penalized = {id(t.parameter) for t in regularizer.penalized}
+    assert id(model.conv_a.weight) in penalized and id(model.bn_a.weight) not in penalized
+
+
+def test_regularized_training_drives_pruned_filters_to_zero_and_keeps_the_rest():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 4, in_channels=1, image_size=8)
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))) for _ in range(4)]
+    pruned = select_filters(model, {"*layer*.conv1": 0.5})
+    config = RegularizerConfig(delta=0.25, interval=1, max_lambda=1.0, stabilize_steps=150, zero_out=False)
+    regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 8, 8), config)
+    optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=0.0)
+    history = fit(model, batches, batches[:1], optimizer, device=torch.device("cpu"),
+                  max_steps=regularizer.schedule.total_steps, hooks=regularizer)
+    assert history[-1].step == regularizer.schedule.total_steps == 154
+    conv = model.layer1[0].conv1
+    idx = pruned["layer1.0.conv1"]
+    kept = torch.ones(conv.out_channels, dtype=torch.bool)
+    kept[idx] = False
+    assert conv.weight[idx].norm() < 1e-3 * conv.weight[kept].norm()
+    assert model.layer1[0].bn1.weight[idx].abs().max() < 1e-3
+
+
+def test_zero_out_zeroes_one_layer_per_interval_in_the_stabilize_phase():
+    model = create_model("resnet20", 4, in_channels=1, image_size=8)
+    pruned = select_filters(model, {"layer1.0.conv1": 0.5, "layer1.1.conv1": 0.5})
+    config = RegularizerConfig(delta=1.0, interval=1, stabilize_steps=10, zero_out=True, zero_out_interval=2)
+    regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 8, 8), config)
+    regularizer.step = regularizer.schedule.update_steps + 1
+    regularizer.after_optimizer_step()
+    first, second = model.layer1[0], model.layer1[1]
+    assert first.conv1.weight[pruned["layer1.0.conv1"]].abs().max() == 0
+    assert first.bn1.weight[pruned["layer1.0.conv1"]].abs().max() == 0
+    assert second.conv1.weight[pruned["layer1.1.conv1"]].abs().max() > 0
+    regularizer.step += 1
+    regularizer.after_optimizer_step()
+    assert second.conv1.weight[pruned["layer1.1.conv1"]].abs().max() == 0
+
+
+def test_regularizer_state_round_trips_for_resume():
+    model = ShuffledRegistration()
+    regularizer = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig())
+    regularizer.step = 1234
+    restored = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig())
+    restored.load_state_dict(regularizer.state_dict())
+    assert restored.current_lambda == regularizer.current_lambda == pytest.approx(1e-4 * math.floor(1234 / 10))
