@@ -1,0 +1,279 @@
+"""Experiment tracking with MLflow: one parent run per pipeline execution, one nested run per stage.
+
+Each DVC stage is its own process, so the parent run cannot be handed over in memory: the first stage of an
+execution creates it (RUNNING, tagged with the execution's key) and later stages find it by that tag. The key is
+TPP_PIPELINE_RUN, else DVC_EXP_NAME (set by `dvc exp run`), else host and process group (all stages of one
+`dvc repro` share the process group of the dvc command). The last stage closes the parent.
+
+Tracking is a convenience next to DVC's own metrics, so it must never break a stage: the first failure to reach
+or write the store warns once and turns tracking off for the rest of the stage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sqlite3
+import time
+import warnings
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import urlsplit
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+from pipeline.config import project_root
+
+DEFAULT_EXPERIMENT = "tpp-pipeline"
+PIPELINE_KEY_TAG = "tpp.pipeline_key"
+STAGE_TAG = "tpp.stage"
+SERVER_PROBE_TIMEOUT_S = 5.0
+REMOTE_SCHEMES = ("http", "https", "databricks")
+DVC_EXPERIMENTS_FOLDER = ".dvc/tmp/exps"
+INVALID_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
+
+Entity = TypeVar("Entity")
+
+
+class TrackingWarning(UserWarning):
+    """MLflow tracking was turned off for a stage; the stage itself goes on."""
+
+
+def tracking_root() -> Path:
+    """The repository whose store gets the runs; a queued DVC experiment's temporary copy maps to its repo."""
+    root = project_root()
+    for folder in root.parents:
+        if folder.match(DVC_EXPERIMENTS_FOLDER):
+            return folder.parent.parent.parent
+    return root
+
+
+def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store at the repository root so every stage shares it."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_location(uri: str, root: Path) -> str | None:
+    """Where a new experiment keeps artifacts: `<root>/mlartifacts`, unless a server manages its own."""
+    if urlsplit(uri).scheme in REMOTE_SCHEMES:
+        return None
+    return (root / "mlartifacts").as_uri()
+
+
+def experiment_name() -> str:
+    """MLFLOW_EXPERIMENT_NAME if set, else the project's experiment."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def pipeline_key() -> str:
+    """What all stages of one pipeline execution share, to find their parent run across processes.
+
+    Quotes and backslashes become '_' because the key is matched inside a quoted MLflow search filter.
+    """
+    key = (os.environ.get("TPP_PIPELINE_RUN") or os.environ.get("DVC_EXP_NAME")
+           or f"{socket.gethostname()}:{os.getpgid(0)}")
+    return re.sub(r"['\"\\]", "_", key)
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings as MLflow params: dotted keys (prune.reg.alpha), string values cut to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[mlflow_key(name)] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def mlflow_key(name: str) -> str:
+    """A key MLflow accepts: characters it refuses (such as '*' in layer patterns) become '_'."""
+    return INVALID_KEY_CHARACTERS.sub("_", name)
+
+
+def _chunks(entities: Sequence[Entity], size: int) -> Iterator[Sequence[Entity]]:
+    """Slices within MLflow's per-request batch limits."""
+    for start in range(0, len(entities), size):
+        yield entities[start:start + size]
+
+
+def _check_server_reachable(uri: str) -> None:
+    """Fail fast on a server that is down: MLflow's client retries a refused connection for minutes."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with socket.create_connection((parts.hostname, port), timeout=SERVER_PROBE_TIMEOUT_S):
+        pass
+
+
+def _check_sqlite_openable(uri: str) -> None:
+    """Fail fast on a SQLite file that cannot be opened: MLflow retries opening it for about 100 s."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("PRAGMA schema_version")
+
+
+def _experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
+    """The experiment's id, creating it on first use (another stage process may win that race)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _parent_run_id(client: MlflowClient, experiment_id: str, key: str) -> str:
+    """The RUNNING parent run of this pipeline execution, created by the first stage that asks."""
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}' AND attributes.status = 'RUNNING'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if running:
+        return running[0].info.run_id
+    run_id = client.create_run(experiment_id, tags={PIPELINE_KEY_TAG: key}).info.run_id
+    client.update_run(run_id, name=f"pipeline {run_id[:8]}")
+    return run_id
+
+
+def _send_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    """Log flattened params in requests within MLflow's batch limit."""
+    entries = [Param(key, value) for key, value in flatten_params(params).items()]
+    for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+
+
+def _send_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log one step's metrics in as few requests as MLflow's batch limit allows (one, in practice)."""
+    now_ms = int(time.time() * 1000)
+    entries = [Metric(mlflow_key(key), float(value), now_ms, step) for key, value in metrics.items()]
+    for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _send_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Log tags in requests within MLflow's batch limit."""
+    entries = [RunTag(mlflow_key(key), str(value)) for key, value in tags.items()]
+    for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk)
+
+
+def _send_artifact(client: MlflowClient, run_id: str, path: Path) -> None:
+    """Copy a file, or a folder under its own name, into the run's artifacts."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path=path.name)
+    else:
+        client.log_artifact(run_id, str(path))
+
+
+class StageTracker:
+    """Logs one stage run to MLflow; never lets a tracking failure fail the stage.
+
+    `run_id` and `parent_run_id` name the stage's run and its pipeline's run; `run_id` is None once tracking is off.
+    """
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.root = tracking_root()
+        self.uri = tracking_uri(self.root)
+        self.run_id: str | None = None
+        self.parent_run_id: str | None = None
+        self._client: MlflowClient | None = None
+
+    def start(self) -> None:
+        """Open this stage's run under the pipeline's parent run, creating either as needed."""
+        try:
+            _check_server_reachable(self.uri)
+            _check_sqlite_openable(self.uri)
+            client = MlflowClient(tracking_uri=self.uri)
+            experiment_id = _experiment_id(client, experiment_name(), artifact_location(self.uri, self.root))
+            parent_run_id = _parent_run_id(client, experiment_id, pipeline_key())
+            run = client.create_run(experiment_id, run_name=self.stage,
+                                    tags={MLFLOW_PARENT_RUN_ID: parent_run_id, STAGE_TAG: self.stage})
+        except Exception as error:
+            self._turn_off("open the stage's run", error)
+            return
+        self._client, self.parent_run_id, self.run_id = client, parent_run_id, run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log settings; nested mappings become dotted keys. MLflow params cannot change once logged."""
+        self._attempt("log params", lambda client, run_id: _send_params(client, run_id, params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log one step's metrics (an epoch, say) in a single request rather than one per value."""
+        self._attempt("log metrics", lambda client, run_id: _send_metrics(client, run_id, metrics, step or 0))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Attach descriptive labels (device, git commit, ...) to the stage run."""
+        self._attempt("set tags", lambda client, run_id: _send_tags(client, run_id, tags))
+
+    def log_artifact(self, path: Path) -> None:
+        """Copy a file, or a folder under its own name, into the stage run's artifacts."""
+        self._attempt(f"log {path}", lambda client, run_id: _send_artifact(client, run_id, Path(path)))
+
+    def finish(self, status: str, close_pipeline: bool) -> None:
+        """End the stage run with `status` (a RunStatus name), and the parent run too for the last stage."""
+        parent_run_id = self.parent_run_id
+        self._attempt("end the stage's run", lambda client, run_id: client.set_terminated(run_id, status))
+        if close_pipeline and parent_run_id is not None:
+            self._attempt("end the pipeline's run", lambda client, _: client.set_terminated(parent_run_id, status))
+
+    def _attempt(self, action: str, call: Callable[[MlflowClient, str], object]) -> None:
+        """Run one MLflow call if tracking is still on; a failure turns it off instead of failing the stage."""
+        if self._client is None or self.run_id is None:
+            return
+        try:
+            call(self._client, self.run_id)
+        except Exception as error:
+            self._turn_off(action, error)
+
+    def _turn_off(self, action: str, error: Exception) -> None:
+        """Warn once, then make every later call a no-op so one broken store costs one message."""
+        self._client, self.run_id = None, None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"MLflow tracking is off for the rest of stage '{self.stage}': could not {action} in the store "
+            f"{self.uri} ({type(error).__name__}: {reason}). The stage goes on, and its DVC outputs and "
+            f"metrics are unaffected. To track later runs, make that store writable (or the server "
+            f"reachable), or point MLFLOW_TRACKING_URI at one that is.",
+            TrackingWarning,
+        )
+
+
+@contextmanager
+def track_stage(stage: str, *, params: Mapping[str, Any] | None = None,
+                close_pipeline: bool = False) -> Iterator[StageTracker]:
+    """Track one stage as a run nested in its pipeline's run; FAILED (and re-raised) if the body raises.
+
+    `close_pipeline` marks the last stage: the parent run ends with this stage's status.
+    """
+    tracker = StageTracker(stage)
+    tracker.start()
+    if params:
+        tracker.log_params(params)
+    try:
+        yield tracker
+    except BaseException as error:
+        interrupted = isinstance(error, KeyboardInterrupt)
+        tracker.finish(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED), close_pipeline)
+        raise
+    tracker.finish(RunStatus.to_string(RunStatus.FINISHED), close_pipeline)

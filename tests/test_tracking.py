@@ -1,0 +1,244 @@
+"""MLflow tracking against real stores: a SQLite file per test and one real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from pipeline.tracking import (PIPELINE_KEY_TAG, STAGE_TAG, TrackingWarning, pipeline_key, track_stage,
+                               tracking_root, tracking_uri)
+
+SERVER_START_TIMEOUT_S = 60.0
+PARAMS = {"seed": 0, "prune": {"ratio": 0.9, "reg": {"alpha": 1000.0}, "ratios": {"*layer*.conv1": 0.5}},
+          "model": {"name": "resnet20", "options": {}}}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repository root as DVC announces it, with no tracking settings inherited from the shell."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("TPP_PIPELINE_RUN", "run-a")
+    return tmp_path
+
+
+def local_client(root: Path) -> MlflowClient:
+    """A client on the store the tracker uses by default, to check what it wrote."""
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def stage_runs(client: MlflowClient) -> dict[str, Run]:
+    """Every stage run of the experiment by stage name."""
+    experiment = client.get_experiment_by_name("tpp-pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{STAGE_TAG}` != ''")
+    return {run.data.tags[STAGE_TAG]: run for run in runs}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_stages_nest_under_one_parent_per_pipeline(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checkpoint = repo / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    with track_stage("prune", params=PARAMS) as tracker:
+        for epoch in (1, 2, 3):
+            tracker.log_metrics({"test_acc": 0.5 + epoch / 10, "train_loss": 1 / epoch}, step=epoch)
+        tracker.set_tags({"device": "cpu"})
+        tracker.log_artifact(checkpoint)
+    client = local_client(repo)
+    parent_id = stage_runs(client)["prune"].data.tags["mlflow.parentRunId"]
+    assert client.get_run(parent_id).info.status == "RUNNING"
+
+    with track_stage("evaluate", close_pipeline=True) as tracker:
+        tracker.log_metrics({"test_acc": 0.9})
+
+    runs = stage_runs(client)
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs.values()} == {parent_id}
+    assert {run.info.run_name: run.info.status for run in runs.values()} == {"prune": "FINISHED",
+                                                                             "evaluate": "FINISHED"}
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"pipeline {parent_id[:8]}"
+    assert parent.data.tags[PIPELINE_KEY_TAG] == "run-a"
+    prune = runs["prune"]
+    assert prune.data.params["prune.reg.alpha"] == "1000.0"
+    assert prune.data.params["prune.ratios._layer_.conv1"] == "0.5"
+    assert prune.data.params["model.options"] == "{}"
+    assert prune.data.tags["device"] == "cpu"
+    history = client.get_metric_history(prune.info.run_id, "test_acc")
+    assert [(m.step, round(m.value, 3)) for m in history] == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert (repo / "mlartifacts").is_dir()
+    assert [a.path for a in client.list_artifacts(prune.info.run_id)] == ["model.pt"]
+
+    with track_stage("pretrain") as tracker:
+        after_close = tracker.parent_run_id
+    monkeypatch.setenv("TPP_PIPELINE_RUN", "run-b")
+    with track_stage("pretrain") as tracker:
+        other_pipeline = tracker.parent_run_id
+    assert len({parent_id, after_close, other_pipeline}) == 3
+
+
+def test_pipeline_key_prefers_explicit_then_dvc_experiment_then_process_group(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TPP_PIPELINE_RUN", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert pipeline_key() == f"{socket.gethostname()}:{os.getpgid(0)}"
+    monkeypatch.setenv("DVC_EXP_NAME", "brisk-oaks")
+    assert pipeline_key() == "brisk-oaks"
+    monkeypatch.setenv("TPP_PIPELINE_RUN", "sweep-1")
+    assert pipeline_key() == "sweep-1"
+
+
+def test_queued_dvc_experiment_tracks_into_the_outer_repository(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temporary_copy = repo / ".dvc" / "tmp" / "exps" / "xyz"
+    temporary_copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(temporary_copy))
+    assert tracking_root() == repo
+    assert tracking_uri(tracking_root()) == f"sqlite:///{repo / 'mlflow.db'}"
+
+    with track_stage("pretrain", close_pipeline=True):
+        pass
+
+    assert not (temporary_copy / "mlflow.db").exists()
+    assert stage_runs(local_client(repo))["pretrain"].info.status == "FINISHED"
+
+
+def _directory_in_place_of_the_db(tmp_path: Path) -> str:
+    """What SQLite reports for an unreadable or unwritable location: the file cannot be opened."""
+    (tmp_path / "mlflow.db").mkdir()
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _corrupt_db(tmp_path: Path) -> str:
+    (tmp_path / "mlflow.db").write_bytes(b"this is not a SQLite database" * 100)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def _server_down(tmp_path: Path) -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize("broken_store", [_directory_in_place_of_the_db, _corrupt_db, _server_down],
+                         ids=["directory-in-place-of-db", "corrupt-db", "server-down"])
+def test_unusable_store_warns_once_and_the_stage_completes(repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           broken_store: Callable[[Path], str]) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", broken_store(repo))
+    artifact = repo / "metrics.json"
+    artifact.write_text("{}")
+    epochs_done = 0
+    with pytest.warns(TrackingWarning) as caught:
+        with track_stage("retrain", params=PARAMS, close_pipeline=True) as tracker:
+            for epoch in (1, 2, 3):
+                tracker.log_metrics({"test_acc": 0.5}, step=epoch)
+                epochs_done = epoch
+            tracker.set_tags({"device": "cpu"})
+            tracker.log_artifact(artifact)
+
+    assert epochs_done == 3
+    [warning] = [w for w in caught if w.category is TrackingWarning]
+    assert "DVC outputs and metrics are unaffected" in str(warning.message)
+    assert tracker.run_id is None
+
+
+def test_store_failing_mid_stage_warns_once(repo: Path) -> None:
+    with pytest.warns(TrackingWarning) as caught:
+        with track_stage("prune", params={"prune": {"ratio": 0.9}}) as tracker:
+            tracker.log_params({"prune": {"ratio": 0.5}})
+            tracker.log_metrics({"test_acc": 0.5}, step=1)
+
+    [warning] = [w for w in caught if w.category is TrackingWarning]
+    assert "could not log params" in str(warning.message)
+
+
+def test_exception_in_stage_fails_its_run_and_the_pipeline_and_propagates(repo: Path) -> None:
+    with pytest.raises(RuntimeError, match="loss became NaN"):
+        with track_stage("retrain", close_pipeline=True) as tracker:
+            tracker.log_metrics({"train_loss": 2.3}, step=1)
+            raise RuntimeError("loss became NaN")
+
+    client = local_client(repo)
+    run = stage_runs(client)["retrain"]
+    assert run.info.status == "FAILED"
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on a free local port, always stopped (with its workers) afterwards."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = tmp_path / "server.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_until_healthy(server, url, log)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _wait_until_healthy(server: subprocess.Popen, url: str, log: Path) -> None:
+    """Poll /health within a bounded time; a server that exits or hangs fails the test with its log."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with {server.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"mlflow server at {url} did not answer /health within {SERVER_START_TIMEOUT_S:.0f} s")
+
+
+def test_stage_tracks_to_a_real_server(repo: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    artifact = repo / "report.json"
+    artifact.write_text("{}")
+    with track_stage("retrain", params=PARAMS, close_pipeline=True) as tracker:
+        for epoch in (1, 2, 3):
+            tracker.log_metrics({"test_acc": epoch / 10}, step=epoch)
+        tracker.log_artifact(artifact)
+
+    api = f"{mlflow_server}/api/2.0/mlflow"
+    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tpp-pipeline"},
+                              timeout=10).json()["experiment"]
+    found = requests.post(f"{api}/runs/search", timeout=10, json={
+        "experiment_ids": [experiment["experiment_id"]], "filter": f"tags.`{STAGE_TAG}` = 'retrain'"}).json()
+    [run] = found["runs"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {param["key"]: param["value"] for param in run["data"]["params"]}
+    assert params["prune.reg.alpha"] == "1000.0"
+    history = requests.get(f"{api}/metrics/get-history", timeout=10,
+                           params={"run_id": run["info"]["run_id"], "metric_key": "test_acc"}).json()["metrics"]
+    assert [(m["step"], m["value"]) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    artifacts = requests.get(f"{api}/artifacts/list", params={"run_id": run["info"]["run_id"]}, timeout=10).json()
+    assert [entry["path"] for entry in artifacts["files"]] == ["report.json"]
+    parent_id = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["mlflow.parentRunId"]
+    parent = requests.get(f"{api}/runs/get", params={"run_id": parent_id}, timeout=10).json()["run"]
+    assert parent["info"]["status"] == "FINISHED"
