@@ -1,0 +1,83 @@
+"""What every stage script shares: the entry point, the run set-up, artifact paths and writers.
+
+Stage scripts stay thin: they read settings, call library functions and write their declared outputs, always
+at the very end and atomically, so a stage refused for bad input or killed midway leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple
+
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.data import DatasetInfo
+from pipeline.errors import PipelineError
+from pipeline.progress import console
+from pipeline.runtime import check_amp, resolve_device, seed_everything
+from pipeline.train import EpochRecord
+
+DENSE_CHECKPOINT = Path("models/dense.pt")
+PRUNED_CHECKPOINT = Path("models/pruned.pt")
+FINAL_CHECKPOINT = Path("models/final.pt")
+METRICS_DIR = Path("metrics")
+PLOTS_DIR = Path("plots")
+REPORTS_DIR = Path("reports")
+
+
+def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None) -> None:
+    """Load and validate params.yaml (plus `key=value` overrides), run the stage, and turn user errors into
+    one readable paragraph and exit status 2 instead of a traceback."""
+    try:
+        main(load_config(list(sys.argv[1:] if argv is None else argv)))
+    except PipelineError as error:
+        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
+        sys.exit(2)
+
+
+def prepare_run(config: Config) -> torch.device:
+    """Device checks and seeding, before any data or model is touched."""
+    device = resolve_device(config.device)
+    check_amp(config.amp, device)
+    seed_everything(config.seed)
+    return device
+
+
+def input_shape(info: DatasetInfo) -> Tuple[int, int, int]:
+    return info.in_channels, info.image_size, info.image_size
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Metrics file for DVC, written atomically."""
+    _atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_history(path: Path, history: Iterable[EpochRecord]) -> None:
+    """Per-epoch CSV that `dvc plots` draws (x: epoch)."""
+    rows = [{"epoch": record.epoch, "step": record.step, **record.metrics()} for record in history]
+    if not rows:
+        _atomic_write(path, "epoch\n")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({key: _rounded(value) for key, value in row.items()} for row in rows)
+    os.replace(temporary, path)
+
+
+def _rounded(value: Any) -> Any:
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,60 @@
+"""Stage 2: choose the filters once from the dense weights, run the pruning method (TPP by default), and
+physically remove them."""
+
+from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
+from pipeline.config import Config, config_to_dict
+from pipeline.data import build_loaders
+from pipeline.methods import PruneContext, run_method
+from pipeline.metrics import count_macs, count_parameters
+from pipeline.progress import console
+from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, input_shape, prepare_run, \
+    run_stage, write_history, write_json
+from pipeline.tpp import LambdaSchedule, pruning_summary, select_filters
+from pipeline.tracking import track_stage
+from pipeline.train import evaluate
+
+
+def main(config: Config) -> None:
+    device = prepare_run(config)
+    settings = config.prune
+    train, test, info = build_loaders(config.data, batch_size=settings.batch_size, seed=config.seed, device=device)
+    dense = load_checkpoint(DENSE_CHECKPOINT, device=device)
+    check_matches_data(dense, DENSE_CHECKPOINT, info.num_classes, input_shape(info))
+    example = dense.architecture.example_inputs(device)
+    pruned = select_filters(dense.model, config.layer_ratios(), settings.skip, example_inputs=example)
+    summary = pruning_summary(dense.model, pruned)
+    dense_params, dense_macs = count_parameters(dense.model), count_macs(dense.model, example)
+    _announce(config, summary, len(train))
+    with track_stage("prune", params=config_to_dict(config)) as tracker:
+        context = PruneContext(dense.model, pruned, example, train, test, device, settings, config.amp,
+                               on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step))
+        outcome = run_method(settings.method, context)
+        _, accuracy = evaluate(outcome.model, test, device, config.amp)
+        params, macs = count_parameters(outcome.model), count_macs(outcome.model, example)
+        metrics = {"acc_after_pruning": accuracy, "params": params, "macs": macs,
+                   "params_ratio": params / dense_params, "speedup_macs": dense_macs / macs,
+                   "pruned_filters": sum(layer["pruned"] for layer in summary.values()), **outcome.metrics}
+        digest = save_checkpoint(PRUNED_CHECKPOINT, outcome.model, dense.architecture, pruned=outcome.pruned,
+                                 config=config_to_dict(config), metrics=metrics)
+        write_json(METRICS_DIR / "prune.json", {**metrics, "layers": summary})
+        write_history(PLOTS_DIR / "prune.csv", outcome.history)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"checkpoint.pruned.sha256": digest, "prune.method": settings.method})
+
+
+def _announce(config: Config, summary: dict, steps_per_epoch: int) -> None:
+    """State the plan up front: what is pruned and how long TPP's schedule runs (a derived, often large figure)."""
+    filters = sum(layer["filters"] for layer in summary.values())
+    removed = sum(layer["pruned"] for layer in summary.values())
+    console.print(f"[prune] method {config.prune.method}: {removed} of {filters} filters in {len(summary)} layers "
+                  f"({100 * removed / max(filters, 1):.1f}%)", markup=False)
+    if config.prune.method == "tpp":
+        schedule = LambdaSchedule.from_config(config.prune.reg)
+        console.print(f"[prune] λ schedule: {schedule.update_steps} update steps (+{schedule.delta:g} every "
+                      f"{schedule.interval} steps up to {schedule.max_lambda:g}) + {schedule.stabilize_steps} "
+                      f"stabilize steps = {schedule.total_steps} steps ≈ "
+                      f"{schedule.total_steps / steps_per_epoch:.1f} epochs", markup=False)
+
+
+if __name__ == "__main__":
+    run_stage(main)

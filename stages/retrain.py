@@ -1,0 +1,34 @@
+"""Stage 3: fine-tune the physically pruned network with a fresh SGD optimizer and a step schedule."""
+
+from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
+from pipeline.config import Config, config_to_dict
+from pipeline.data import build_loaders
+from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, input_shape, prepare_run, \
+    run_stage, write_history, write_json
+from pipeline.tracking import track_stage
+from pipeline.train import fit, sgd, step_schedule
+
+
+def main(config: Config) -> None:
+    device = prepare_run(config)
+    settings = config.retrain
+    train, test, info = build_loaders(config.data, batch_size=settings.batch_size, seed=config.seed, device=device)
+    pruned = load_checkpoint(PRUNED_CHECKPOINT, device=device)
+    check_matches_data(pruned, PRUNED_CHECKPOINT, info.num_classes, input_shape(info))
+    optimizer = sgd(pruned.model, settings.lr, settings.momentum, settings.weight_decay)
+    scheduler = step_schedule(optimizer, settings.milestones, settings.gamma)
+    with track_stage("retrain", params=config_to_dict(config)) as tracker:
+        history = fit(pruned.model, train, test, optimizer, device=device, epochs=settings.epochs,
+                      scheduler=scheduler, amp=config.amp, stage="retrain",
+                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
+        metrics = {"test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
+        digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
+                                 config=config_to_dict(config), metrics=metrics)
+        write_json(METRICS_DIR / "retrain.json", metrics)
+        write_history(PLOTS_DIR / "retrain.csv", history)
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"checkpoint.final.sha256": digest})
+
+
+if __name__ == "__main__":
+    run_stage(main)
