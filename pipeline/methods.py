@@ -5,7 +5,7 @@ physically pruned network. All methods share the selection rule and layer ratios
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
@@ -13,14 +13,16 @@ from torch import nn
 
 from pipeline.config import PruneConfig
 from pipeline.errors import ConfigError
-from pipeline.surgery import remove_filters
+from pipeline.orthogonal import activation_gain, orthogonalize_
+from pipeline.surgery import prunable_layers, remove_filters
 from pipeline.tpp import TPPRegularizer
 from pipeline.train import Batches, EpochRecord, evaluate, fit, sgd
 
 
 @dataclass
 class PruneContext:
-    """What a pruning method may use: the dense model, the chosen filters, data and settings."""
+    """What a pruning method may use: the dense model, the chosen filters, data, settings and the seed of
+    methods that draw at random (random filters, scratch init)."""
 
     model: nn.Module
     pruned: Mapping[str, torch.Tensor]
@@ -31,6 +33,7 @@ class PruneContext:
     settings: PruneConfig
     amp: str = "off"
     on_epoch: Optional[Callable[[EpochRecord], None]] = None
+    seed: int = 0
 
 
 @dataclass
@@ -45,6 +48,7 @@ class PruneOutcome:
 
 
 PruneMethod = Callable[[PruneContext], PruneOutcome]
+REGULARIZED_METHODS = ("tpp", "greg")
 _METHODS: Dict[str, PruneMethod] = {}
 
 
@@ -86,3 +90,55 @@ def tpp(context: PruneContext) -> PruneOutcome:
 def l1(context: PruneContext) -> PruneOutcome:
     """Li et al. 2017: remove the smallest-L1 filters in one shot; all repair is left to retraining."""
     return PruneOutcome(remove_filters(context.model, context.pruned, context.example_inputs), context.pruned)
+
+
+@register_method("l1_orthp")
+def l1_orthp(context: PruneContext) -> PruneOutcome:
+    """L1 removal, then OrthP: every Conv2d/Linear weight re-orthogonalised (scaled by the activation gain), the
+    paper's exact repair of dynamical isometry, to tell trainability repair apart from what TPP keeps."""
+    model = l1(context).model
+    return PruneOutcome(orthogonalize_(model, activation_gain(model)), context.pruned)
+
+
+@register_method("random")
+def random_filters(context: PruneContext) -> PruneOutcome:
+    """Remove as many filters per layer as the selection, chosen uniformly at random: the floor that any
+    importance criterion has to beat. The indices actually removed are returned."""
+    pruned = random_selection(context.model, context.pruned, context.seed)
+    return PruneOutcome(remove_filters(context.model, pruned, context.example_inputs), pruned)
+
+
+def random_selection(model: nn.Module, pruned: Mapping[str, torch.Tensor], seed: int) -> Dict[str, torch.Tensor]:
+    """Per layer of `pruned`, the same number of sorted filter indices drawn without replacement; one CPU
+    generator seeded once, so the draw depends only on the seed and the layers, not on the device."""
+    generator = torch.Generator().manual_seed(seed)
+    filters = {name: layer.weight.shape[0] for name, layer in prunable_layers(model).items()}
+    return {name: torch.randperm(filters[name], generator=generator)[:len(indices)].sort().values
+            for name, indices in pruned.items()}
+
+
+@register_method("scratch")
+def scratch(context: PruneContext) -> PruneOutcome:
+    """The L1-pruned architecture with every weight re-drawn, so retraining trains it from scratch: separates
+    the value of the architecture from the value of the inherited weights."""
+    return PruneOutcome(reinitialize_(l1(context).model, context.seed), context.pruned)
+
+
+@torch.no_grad()
+def reinitialize_(model: nn.Module, seed: int) -> nn.Module:
+    """Call every module's own `reset_parameters()` (PyTorch's default init; BatchNorm statistics reset too)
+    under `seed`, with the global RNG state forked so callers' randomness is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+    return model
+
+
+@register_method("greg")
+def greg(context: PruneContext) -> PruneOutcome:
+    """GReg-1 (Wang et al. 2021): TPP's schedule with only the growing L2 on the pruned filters, i.e. TPP with
+    the Gram decorrelation and BatchNorm terms switched off, so the comparison isolates those two terms."""
+    reg = replace(context.settings.reg, decorrelation=False, bn_penalty=False)
+    return tpp(replace(context, settings=replace(context.settings, reg=reg)))
