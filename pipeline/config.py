@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -161,21 +162,35 @@ def _compose(path: Path, overrides: Sequence[str]) -> Dict[str, Any]:
     try:
         with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None, job_name="tpp"):
             composed = compose(config_name=path.stem, overrides=list(overrides))
+        container = OmegaConf.to_container(composed, resolve=True) if isinstance(composed, DictConfig) else None
     except HydraException as error:
         raise ConfigError(f"Could not apply the settings {list(overrides)} to {path.name}: "
-                          f"{_first_line(error)}. Overrides look like `prune.ratio=0.7`; "
+                          f"{_first_line(error).rstrip('.')}. Overrides look like `prune.ratio=0.7`; "
                           f"keys must exist in params.yaml.") from None
     except OmegaConfBaseException as error:
-        raise ConfigError(f"{path.name} could not be read: {_first_line(error)}. Check its YAML syntax.") from None
-    container = OmegaConf.to_container(composed, resolve=True) if isinstance(composed, DictConfig) else None
+        raise ConfigError(f"{path.name} could not be read: {_first_line(error)}. Check its YAML syntax "
+                          f"and any ${{...}} interpolation.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context, start = getattr(error, "context", None), getattr(error, "context_mark", None)
+        opened = f" ({context} that starts at line {start.line + 1})" if context and start else ""
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"{path.name} is not valid YAML{where}: {problem}{opened}. "
+                          f"Check its syntax (indent with spaces, close brackets and quotes).") from None
     if not isinstance(container, dict):
         raise ConfigError(f"{path.name} must be a mapping of sections (seed, data, model, ...); it is not.")
     return container
 
 
 def _check_keys(raw: Dict[str, Any], schema: type, prefix: str) -> None:
-    """Refuse keys the schema does not know, suggesting the closest known one."""
+    """Refuse keys the schema does not know (suggesting the closest known one) and keys left out: every setting is
+    written in params.yaml, so DVC tracks it and nothing falls back to a default hidden in the code."""
     known = {f.name: f for f in dataclasses.fields(schema)}
+    missing = [name for name in known if name not in raw]
+    if missing:
+        raise ConfigError(f"params.yaml: missing key '{prefix}{missing[0]}'. Every setting must be written out so "
+                          f"that DVC tracks it; add it (the shipped params.yaml and README.md list them all).")
     for key, value in raw.items():
         full_key = f"{prefix}{key}"
         if key not in known:
@@ -185,6 +200,10 @@ def _check_keys(raw: Dict[str, Any], schema: type, prefix: str) -> None:
             raise ConfigError(f"params.yaml: unknown key '{full_key}'.{hint} Known keys in {section}: "
                               f"{', '.join(sorted(known))}. Rename or remove it.")
         field_type = _dataclass_type(known[key].type)
+        wants_mapping = field_type is not None or str(known[key].type).startswith("Dict")
+        if wants_mapping and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"params.yaml: '{full_key}' must be a mapping of keys (as in the shipped "
+                              f"params.yaml), not {value!r}. Fix it in params.yaml.")
         if field_type is not None and isinstance(value, dict):
             _check_keys(value, field_type, prefix=f"{full_key}.")
 
@@ -221,7 +240,8 @@ def validate(config: Config) -> None:
 
     _require(DEVICE_PATTERN.match(config.device) is not None, "device",
              f"'{config.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
-    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
+    unquoted = " (YAML reads a bare off as false: write amp: \"off\" with the quotes)" if config.amp == "False" else ""
+    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}{unquoted}")
     _one_of("data.name", config.data.name, available_datasets())
     _one_of("model.name", config.model.name, available_models())
     _one_of("prune.method", config.prune.method, available_methods())
