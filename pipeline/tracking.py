@@ -264,7 +264,8 @@ def track_stage(stage: str, *, params: Mapping[str, Any] | None = None,
                 close_pipeline: bool = False) -> Iterator[StageTracker]:
     """Track one stage as a run nested in its pipeline's run; FAILED (and re-raised) if the body raises.
 
-    `close_pipeline` marks the last stage: the parent run ends with this stage's status.
+    `close_pipeline` marks the last stage: the parent run ends with this stage's status. A failed stage always
+    ends the parent too (DVC stops the pipeline there), so a later execution never attaches to a dead parent.
     """
     tracker = StageTracker(stage)
     tracker.start()
@@ -274,6 +275,6 @@ def track_stage(stage: str, *, params: Mapping[str, Any] | None = None,
         yield tracker
     except BaseException as error:
         interrupted = isinstance(error, KeyboardInterrupt)
-        tracker.finish(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED), close_pipeline)
+        tracker.finish(RunStatus.to_string(RunStatus.KILLED if interrupted else RunStatus.FAILED), True)
         raise
     tracker.finish(RunStatus.to_string(RunStatus.FINISHED), close_pipeline)
