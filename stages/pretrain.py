@@ -22,7 +22,7 @@ def main(config: Config) -> None:
         history = fit(model, train, test, optimizer, device=device, epochs=settings.epochs, scheduler=scheduler,
                       amp=config.amp, stage="pretrain",
                       on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
-        metrics = {"test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history),
+        metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history),
                    "params": count_parameters(model),
                    "macs": count_macs(model, architecture.example_inputs(device))}
         digest = save_checkpoint(DENSE_CHECKPOINT, model, architecture, config=config_to_dict(config),

@@ -4,7 +4,7 @@ physically remove them."""
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.methods import PruneContext, run_method
+from pipeline.methods import REGULARIZED_METHODS, PruneContext, run_method
 from pipeline.metrics import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, input_shape, prepare_run, \
@@ -27,7 +27,8 @@ def main(config: Config) -> None:
     _announce(config, summary, len(train))
     with track_stage("prune", params=config_to_dict(config)) as tracker:
         context = PruneContext(dense.model, pruned, example, train, test, device, settings, config.amp,
-                               on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step))
+                               on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step),
+                               seed=config.seed)
         outcome = run_method(settings.method, context)
         _, accuracy = evaluate(outcome.model, test, device, config.amp)
         params, macs = count_parameters(outcome.model), count_macs(outcome.model, example)
@@ -48,7 +49,7 @@ def _announce(config: Config, summary: dict, steps_per_epoch: int) -> None:
     removed = sum(layer["pruned"] for layer in summary.values())
     console.print(f"[prune] method {config.prune.method}: {removed} of {filters} filters in {len(summary)} layers "
                   f"({100 * removed / max(filters, 1):.1f}%)", markup=False)
-    if config.prune.method == "tpp":
+    if config.prune.method in REGULARIZED_METHODS:
         schedule = LambdaSchedule.from_config(config.prune.reg)
         console.print(f"[prune] λ schedule: {schedule.update_steps} update steps (+{schedule.delta:g} every "
                       f"{schedule.interval} steps up to {schedule.max_lambda:g}) + {schedule.stabilize_steps} "

@@ -21,7 +21,7 @@ def main(config: Config) -> None:
         history = fit(pruned.model, train, test, optimizer, device=device, epochs=settings.epochs,
                       scheduler=scheduler, amp=config.amp, stage="retrain",
                       on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
-        metrics = {"test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
+        metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
         digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
                                  config=config_to_dict(config), metrics=metrics)
         write_json(METRICS_DIR / "retrain.json", metrics)
