@@ -1,0 +1,41 @@
+# Two commands do everything: `make run` (set up + run the pipeline) and `make test` (set up + run the tests).
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+# Stage commands in dvc.yaml call `python`: the virtual environment must come first on PATH.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup data run test test-slow ui bench clean
+
+$(VENV)/installed.stamp: requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -r requirements.lock
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/installed.stamp
+
+data: setup  ## materialise the embedded digits dataset (deterministic bytes, matches data.dvc)
+	$(PYTHON) -m pipeline.data digits --root data
+	dvc add --quiet data
+
+run: data  ## set up and run the whole pipeline on the embedded default
+	dvc repro
+	dvc metrics show
+
+test: setup  ## set up and run the fast test suite
+	$(PYTHON) -m pytest -q
+
+test-slow: setup  ## the slow end-to-end tests too
+	$(PYTHON) -m pytest -q -m ""
+
+ui: setup  ## browse the runs in the MLflow UI at http://127.0.0.1:$(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+bench: setup  ## TPP step overhead and pruned-vs-dense latency (prints figures)
+	$(PYTHON) benchmarks/tpp_overhead.py
+
+clean:  ## remove pipeline outputs (they stay in the DVC cache)
+	rm -rf models metrics plots reports
