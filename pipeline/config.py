@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError
 
-AMP_MODES = ("off", "bf16", "fp16")
+AMP_MODES = ("fp32", "bf16", "fp16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -109,7 +109,7 @@ class Config:
 
     seed: int = 0
     device: str = "auto"
-    amp: str = "off"
+    amp: str = "fp32"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
@@ -240,8 +240,7 @@ def validate(config: Config) -> None:
 
     _require(DEVICE_PATTERN.match(config.device) is not None, "device",
              f"'{config.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
-    unquoted = " (YAML reads a bare off as false: write amp: \"off\" with the quotes)" if config.amp == "False" else ""
-    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}{unquoted}")
+    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
     _one_of("data.name", config.data.name, available_datasets())
     _one_of("model.name", config.model.name, available_models())
     _one_of("prune.method", config.prune.method, available_methods())

@@ -31,7 +31,7 @@ class PruneContext:
     test_batches: Batches
     device: torch.device
     settings: PruneConfig
-    amp: str = "off"
+    amp: str = "fp32"
     on_epoch: Optional[Callable[[EpochRecord], None]] = None
     seed: int = 0
 

@@ -29,14 +29,14 @@ def resolve_device(name: str) -> torch.device:
 
 def check_amp(amp: str, device: torch.device) -> None:
     """Autocast is a CUDA fast path; asking for it elsewhere is refused rather than silently ignored."""
-    if amp != "off" and device.type != "cuda":
+    if amp != "fp32" and device.type != "cuda":
         raise ConfigError(f"params.yaml: 'amp' is '{amp}' but the stage runs on {device.type}; mixed precision is "
-                          f"only supported on CUDA. Set `amp: off` for this machine.")
+                          f"only supported on CUDA. Set `amp: fp32` for this machine.")
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:
-    """Mixed-precision context for the forward pass (a no-op with amp 'off')."""
-    if amp == "off":
+    """Mixed-precision context for the forward pass (a no-op with amp 'fp32')."""
+    if amp == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 

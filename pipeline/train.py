@@ -71,7 +71,7 @@ def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int],
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: str = "off") -> Tuple[float, float]:
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: str = "fp32") -> Tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy (%) over `batches`, in eval mode; restores the previous mode."""
     was_training = model.training
     model.eval()
@@ -91,7 +91,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: str 
 def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimizer: torch.optim.Optimizer, *,
         device: torch.device, epochs: Optional[int] = None, max_steps: Optional[int] = None,
         scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, hooks: Optional[TrainingHooks] = None,
-        amp: str = "off", stage: str = "train",
+        amp: str = "fp32", stage: str = "train",
         on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> List[EpochRecord]:
     """Train for `epochs` epochs or `max_steps` steps (the last epoch may be partial); evaluate after each epoch."""
     if (epochs is None) == (max_steps is None):
