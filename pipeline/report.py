@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Mapping
 
 import matplotlib
 
+from pipeline.files import atomic_write_text
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 
@@ -55,7 +57,7 @@ def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
         "![test accuracy per epoch](accuracy.png)",
         "",
     ]
-    _atomic_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def _save_figure(figure: plt.Figure, path: Path) -> None:
@@ -63,11 +65,4 @@ def _save_figure(figure: plt.Figure, path: Path) -> None:
     temporary = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(temporary, dpi=100, metadata={"Software": None})
     plt.close(figure)
-    os.replace(temporary, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
     os.replace(temporary, path)

@@ -7,8 +7,8 @@ at the very end and atomically, so a stage refused for bad input or killed midwa
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple
@@ -18,6 +18,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.data import DatasetInfo
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write_text
 from pipeline.progress import console
 from pipeline.runtime import check_amp, resolve_device, seed_everything
 from pipeline.train import EpochRecord
@@ -54,30 +55,18 @@ def input_shape(info: DatasetInfo) -> Tuple[int, int, int]:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Metrics file for DVC, written atomically."""
-    _atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_history(path: Path, history: Iterable[EpochRecord]) -> None:
-    """Per-epoch CSV that `dvc plots` draws (x: epoch)."""
+    """Per-epoch CSV that `dvc plots` draws (x: epoch), written atomically."""
     rows = [{"epoch": record.epoch, "step": record.step, **record.metrics()} for record in history]
-    if not rows:
-        _atomic_write(path, "epoch\n")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({key: _rounded(value) for key, value in row.items()} for row in rows)
-    os.replace(temporary, path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["epoch"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: _rounded(value) for key, value in row.items()} for row in rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _rounded(value: Any) -> Any:
     return round(value, 6) if isinstance(value, float) else value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)

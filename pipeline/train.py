@@ -112,7 +112,7 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimiz
             for inputs, targets in train_batches:
                 if step >= total_steps or hooks.finished():
                     break
-                totals += _train_step(model, inputs, targets, optimizer, scaler, hooks, device, amp)
+                totals += train_step(model, inputs, targets, optimizer, scaler, hooks, device, amp)
                 count += len(targets)
                 step += 1
                 progress.advance()
@@ -136,7 +136,7 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimiz
     return history
 
 
-def _train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, hooks: TrainingHooks, device: torch.device,
                 amp: str) -> torch.Tensor:
     """One SGD step; returns [loss·batch, correct] as a device tensor (no sync)."""
