@@ -23,7 +23,7 @@ data: setup  ## materialise the embedded digits dataset (deterministic bytes, ma
 
 run: data  ## set up and run the whole pipeline on the embedded default
 	dvc repro
-	dvc metrics show
+	dvc metrics show metrics/evaluate.json
 
 test: setup  ## set up and run the fast test suite
 	$(PYTHON) -m pytest -q

@@ -26,6 +26,7 @@ from pipeline.train import EpochRecord
 DENSE_CHECKPOINT = Path("models/dense.pt")
 PRUNED_CHECKPOINT = Path("models/pruned.pt")
 FINAL_CHECKPOINT = Path("models/final.pt")
+PRUNED_LAYERS = Path("models/pruned_layers.json")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORTS_DIR = Path("reports")

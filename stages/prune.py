@@ -7,8 +7,8 @@ from pipeline.data import build_loaders
 from pipeline.methods import REGULARIZED_METHODS, PruneContext, run_method
 from pipeline.metrics import count_macs, count_parameters
 from pipeline.progress import console
-from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, input_shape, prepare_run, \
-    run_stage, write_history, write_json
+from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, input_shape, \
+    prepare_run, run_stage, write_history, write_json
 from pipeline.tpp import LambdaSchedule, pruning_summary, select_filters
 from pipeline.tracking import track_stage
 from pipeline.train import evaluate
@@ -37,7 +37,8 @@ def main(config: Config) -> None:
                    "pruned_filters": sum(layer["pruned"] for layer in summary.values()), **outcome.metrics}
         digest = save_checkpoint(PRUNED_CHECKPOINT, outcome.model, dense.architecture, pruned=outcome.pruned,
                                  config=config_to_dict(config), metrics=metrics)
-        write_json(METRICS_DIR / "prune.json", {**metrics, "layers": summary})
+        write_json(METRICS_DIR / "prune.json", metrics)
+        write_json(PRUNED_LAYERS, summary)
         write_history(PLOTS_DIR / "prune.csv", outcome.history)
         tracker.log_metrics(metrics)
         tracker.set_tags({"checkpoint.pruned.sha256": digest, "prune.method": settings.method})
@@ -48,13 +49,13 @@ def _announce(config: Config, summary: dict, steps_per_epoch: int) -> None:
     filters = sum(layer["filters"] for layer in summary.values())
     removed = sum(layer["pruned"] for layer in summary.values())
     console.print(f"[prune] method {config.prune.method}: {removed} of {filters} filters in {len(summary)} layers "
-                  f"({100 * removed / max(filters, 1):.1f}%)", markup=False)
+                  f"({100 * removed / max(filters, 1):.1f}%)", markup=False, soft_wrap=True)
     if config.prune.method in REGULARIZED_METHODS:
         schedule = LambdaSchedule.from_config(config.prune.reg)
         console.print(f"[prune] λ schedule: {schedule.update_steps} update steps (+{schedule.delta:g} every "
                       f"{schedule.interval} steps up to {schedule.max_lambda:g}) + {schedule.stabilize_steps} "
                       f"stabilize steps = {schedule.total_steps} steps ≈ "
-                      f"{schedule.total_steps / steps_per_epoch:.1f} epochs", markup=False)
+                      f"{schedule.total_steps / steps_per_epoch:.1f} epochs", markup=False, soft_wrap=True)
 
 
 if __name__ == "__main__":
