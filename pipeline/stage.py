@@ -60,8 +60,10 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 
 def write_history(path: Path, history: Iterable[EpochRecord]) -> None:
-    """Per-epoch CSV that `dvc plots` draws (x: epoch), written atomically."""
-    rows = [{"epoch": record.epoch, "step": record.step, **record.metrics()} for record in history]
+    """Per-epoch CSV that `dvc plots` draws (x: epoch), written atomically. Wall time is left out (it is in the
+    log and MLflow) so that identical runs write identical files and DVC sees no change."""
+    rows = [{"epoch": record.epoch, "step": record.step,
+             **{key: value for key, value in record.metrics().items() if key != "seconds"}} for record in history]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["epoch"], lineterminator="\n")
     writer.writeheader()
