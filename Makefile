@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run test test-slow ui bench clean
+.PHONY: setup data run recipe test test-slow ui bench clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ data: setup  ## materialise the embedded digits dataset (deterministic bytes, ma
 run: data  ## set up and run the whole pipeline on the embedded default
 	dvc repro
 	dvc metrics show metrics/evaluate.json
+
+recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NAME=resnet56_cifar10
+	@test -f recipes/$(NAME).yaml || { echo "No recipe 'recipes/$(NAME).yaml'. Available: $$(cd recipes && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }
+	cp recipes/$(NAME).yaml params.yaml
+	dvc repro
 
 test: setup  ## set up and run the fast test suite
 	$(PYTHON) -m pytest -q
