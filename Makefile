@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run recipe test test-slow ui bench clean
+.PHONY: setup data run recipe test ui bench clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,9 +32,6 @@ recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NA
 
 test: setup  ## set up and run the fast test suite
 	$(PYTHON) -m pytest -q
-
-test-slow: setup  ## the slow end-to-end tests too
-	$(PYTHON) -m pytest -q -m ""
 
 ui: setup  ## browse the runs in the MLflow UI at http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
