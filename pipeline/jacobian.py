@@ -6,11 +6,15 @@ means its singular values are near 1, and pruning that hurts trainability shrink
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
+
+from pipeline.train import Batches, TrainingHooks
+
+SAMPLES_PER_CHUNK = 32
 
 
 def input_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -35,9 +39,39 @@ def input_jacobians(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return jacobians.flatten(2)
 
 
-def mean_jacobian_singular_value(model: nn.Module, inputs: torch.Tensor, *,
-                                 max_samples: Optional[int] = None) -> float:
+def mean_jacobian_singular_value(model: nn.Module, inputs: torch.Tensor, *, max_samples: Optional[int] = None,
+                                 samples_per_chunk: int = SAMPLES_PER_CHUNK) -> float:
     """Mean singular value of the per-sample input–output Jacobian, averaged over the (first `max_samples`)
-    samples of `inputs`, which must be on the model's device."""
+    samples of `inputs`, which must be on the model's device.
+
+    Samples go through in chunks so memory stays that of a `samples_per_chunk` × classes backward pass however
+    many samples are averaged; the sum stays on the device and is read once.
+    """
     samples = inputs if max_samples is None else inputs[:max_samples]
-    return torch.linalg.svdvals(input_jacobians(model, samples).float()).mean().item()
+    total, count = torch.zeros((), device=samples.device), 0
+    for chunk in samples.split(samples_per_chunk):
+        values = torch.linalg.svdvals(input_jacobians(model, chunk).float())
+        total += values.sum()
+        count += values.numel()
+    return (total / max(count, 1)).item()
+
+
+def first_inputs(batches: Batches, count: int, device: torch.device) -> torch.Tensor:
+    """The first `count` inputs of (ordered) test batches: a fixed probe set, the same for every model compared."""
+    collected, have = [], 0
+    for inputs, _ in batches:
+        collected.append(inputs[:count - have])
+        have += len(collected[-1])
+        if have >= count:
+            break
+    return torch.cat(collected).to(device)
+
+
+class JacobianProbe(TrainingHooks):
+    """Measures the mean JSV on fixed inputs at the end of every epoch, to follow trainability while training."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        self.inputs = inputs
+
+    def epoch_metrics(self, model: nn.Module) -> Dict[str, float]:
+        return {"mean_jsv": mean_jacobian_singular_value(model, self.inputs)}

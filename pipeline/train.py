@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -41,6 +41,10 @@ class TrainingHooks:
         """Stop the loop early (e.g. a regularization schedule that is complete)."""
         return False
 
+    def epoch_metrics(self, model: nn.Module) -> Dict[str, float]:
+        """Extra measurements of the model at the end of each epoch (e.g. its trainability), logged with it."""
+        return {}
+
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -54,9 +58,12 @@ class EpochRecord:
     test_loss: float
     test_acc: float
     seconds: float
+    extra: Mapping[str, float] = field(default_factory=dict)
 
-    def metrics(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if key not in ("epoch", "step")}
+    def metrics(self) -> Dict[str, float]:
+        """Everything measured, flat: the fixed fields, then what the hooks added."""
+        fixed = {key: value for key, value in asdict(self).items() if key not in ("epoch", "step", "extra")}
+        return {**fixed, **self.extra}
 
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -123,12 +130,14 @@ def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimiz
             if scheduler is not None:
                 scheduler.step()
             test_loss, test_acc = evaluate(model, test_batches, device, amp)
+            extra = hooks.epoch_metrics(model)
             record = EpochRecord(epoch, step, lr, loss_sum / max(count, 1), 100.0 * correct / max(count, 1),
-                                 test_loss, test_acc, time.perf_counter() - started)
+                                 test_loss, test_acc, time.perf_counter() - started, extra)
             history.append(record)
+            measured = "".join(f" {key} {value:.4g}" for key, value in extra.items())
             progress.log(f"[{stage}] epoch {epoch}/{epochs} step {step}/{total_steps} lr {lr:.3g} "
                          f"loss {record.train_loss:.4f} train_acc {record.train_acc:.2f}% "
-                         f"test_acc {record.test_acc:.2f}% ({record.seconds:.1f}s)")
+                         f"test_acc {record.test_acc:.2f}%{measured} ({record.seconds:.1f}s)")
             if on_epoch is not None:
                 on_epoch(record)
             if step >= total_steps or hooks.finished():

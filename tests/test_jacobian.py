@@ -6,11 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.jacobian import input_jacobians, mean_jacobian_singular_value
+from pipeline.jacobian import JacobianProbe, first_inputs, input_jacobians, mean_jacobian_singular_value
 from pipeline.models import create_model
 from pipeline.orthogonal import orthogonalize_
 from pipeline.surgery import remove_filters
 from pipeline.tpp import select_filters
+from pipeline.train import fit, sgd
 
 MLP_RATIOS = {"layers.[0-5]": 0.8}
 
@@ -76,3 +77,31 @@ def test_l1_pruning_collapses_jsv_and_orthp_restores_isometry():
     assert mean_jacobian_singular_value(l1_prune(isometric, inputs), inputs) < 0.05
     orthp = orthogonalize_(l1_prune(model, inputs), 1.0)
     assert mean_jacobian_singular_value(orthp, inputs) == pytest.approx(1, abs=1e-4)
+
+
+def test_chunked_jsv_equals_one_pass_over_all_samples():
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, in_channels=1, image_size=8)
+    inputs = torch.randn(7, 1, 8, 8)
+    whole = mean_jacobian_singular_value(model, inputs, samples_per_chunk=7)
+    assert mean_jacobian_singular_value(model, inputs, samples_per_chunk=2) == pytest.approx(whole, rel=1e-5)
+    assert mean_jacobian_singular_value(model, inputs[:1]) != pytest.approx(whole, rel=1e-3)
+
+
+def test_probe_inputs_are_the_first_test_images_across_batches():
+    images = torch.arange(10.0).view(10, 1, 1, 1)
+    batches = [(images[start:start + 4], torch.zeros(4)) for start in range(0, 10, 4)]
+    assert first_inputs(batches, 6, torch.device("cpu")).flatten().tolist() == [0, 1, 2, 3, 4, 5]
+    assert first_inputs(batches, 50, torch.device("cpu")).flatten().tolist() == list(range(10))
+
+
+def test_probe_adds_the_mean_jsv_of_every_epoch_to_the_history():
+    model = linear_mlp()
+    inputs = torch.randn(8, 1, 16, 16)
+    batches = [(inputs, torch.arange(8) % 10)]
+    history = fit(model, batches, batches, sgd(model, 0.05, 0.9, 0.0), device=torch.device("cpu"), epochs=2,
+                  hooks=JacobianProbe(inputs))
+    assert [set(record.extra) for record in history] == [{"mean_jsv"}, {"mean_jsv"}]
+    assert history[-1].extra["mean_jsv"] == pytest.approx(mean_jacobian_singular_value(model, inputs), rel=1e-5)
+    assert history[0].extra["mean_jsv"] != pytest.approx(history[1].extra["mean_jsv"], rel=1e-4)
+    assert history[-1].metrics()["mean_jsv"] == history[-1].extra["mean_jsv"]
