@@ -96,6 +96,14 @@ class PruneConfig:
 
 
 @dataclass
+class TrainabilityConfig:
+    """TPP's trainability measure, the mean Jacobian singular value (JSV) of the output w.r.t. the input, taken on
+    the first `jsv_samples` test images (0 turns it off: it costs classes × input-size per image)."""
+
+    jsv_samples: int = 32
+
+
+@dataclass
 class EvaluateConfig:
     """How the final comparison is measured."""
 
@@ -115,6 +123,7 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     retrain: TrainConfig = field(default_factory=TrainConfig)
+    trainability: TrainabilityConfig = field(default_factory=TrainabilityConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def layer_ratios(self) -> Dict[str, float]:
@@ -136,10 +145,19 @@ def project_root() -> Path:
 def load_config(overrides: Sequence[str] = (), path: Optional[Path] = None) -> Config:
     """Read params.yaml (plus Hydra-style overrides) into a validated `Config`."""
     path = Path(path) if path is not None else project_root() / "params.yaml"
-    if not path.is_file():
+    return config_from_mapping(read_settings(path, overrides))
+
+
+def read_settings(path: Path, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """The settings file as a plain nested dict, with Hydra-style overrides applied, not yet checked."""
+    if not Path(path).is_file():
         raise ConfigError(f"The settings file {path} does not exist. Run the stage from the repository root "
                           f"(where params.yaml lives) or pass the file's path.")
-    raw = _compose(path, overrides)
+    return _compose(Path(path), overrides)
+
+
+def config_from_mapping(raw: Dict[str, Any]) -> Config:
+    """Check a nested dict of settings (keys, types, ranges) and turn it into a `Config`."""
     _check_keys(raw, Config, prefix="")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
@@ -252,6 +270,7 @@ def validate(config: Config) -> None:
     for section in ("pretrain", "retrain"):
         _validate_training(section, getattr(config, section))
     _validate_prune(config.prune)
+    _require(config.trainability.jsv_samples >= 0, "trainability.jsv_samples", "must be 0 (off) or more")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
 

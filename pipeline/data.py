@@ -55,6 +55,11 @@ class DatasetInfo:
     train_size: int
     test_size: int
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Channels, height, width of one input image."""
+        return self.in_channels, self.image_size, self.image_size
+
 
 class TensorBatches:
     """Mini-batches sliced from whole tensors kept in memory, optionally already on the accelerator.

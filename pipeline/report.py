@@ -32,7 +32,7 @@ def accuracy_chart(histories: Mapping[str, List[Dict[str, float]]], path: Path) 
         axis.set_ylabel("test accuracy (%)")
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
@@ -50,6 +50,7 @@ def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
         f"| parameters | {metrics['params_dense']:,} | {metrics['params_pruned']:,} |",
         f"| MACs | {metrics['macs_dense']:,} | {metrics['macs_pruned']:,} |",
         f"| latency (ms) | {metrics['latency_dense_ms']:.3f} | {metrics['latency_pruned_ms']:.3f} |",
+        *_trainability_row(metrics),
         "",
         f"Parameter sparsity {100 * metrics['sparsity']:.1f}%, speed-up {metrics['speedup_macs']:.2f}× in MACs and "
         f"{metrics['speedup_latency']:.2f}× measured.",
@@ -60,7 +61,15 @@ def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
     atomic_write_text(path, "\n".join(lines))
 
 
-def _save_figure(figure: plt.Figure, path: Path) -> None:
+def _trainability_row(metrics: Mapping[str, Any]) -> List[str]:
+    """The mean JSV row, when the evaluate stage measured it (trainability.jsv_samples > 0)."""
+    if "jsv_dense" not in metrics:
+        return []
+    return [f"| mean Jacobian singular value | {metrics['jsv_dense']:.4g} | {metrics['jsv_final']:.4g} "
+            f"({metrics['jsv_pruned']:.4g} right after pruning) |"]
+
+
+def save_figure(figure: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(temporary, dpi=100, metadata={"Software": None})

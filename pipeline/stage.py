@@ -11,12 +11,11 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, Tuple
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.data import DatasetInfo
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_text
 from pipeline.progress import console
@@ -48,10 +47,6 @@ def prepare_run(config: Config) -> torch.device:
     check_amp(config.amp, device)
     seed_everything(config.seed)
     return device
-
-
-def input_shape(info: DatasetInfo) -> Tuple[int, int, int]:
-    return info.in_channels, info.image_size, info.image_size
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -1,12 +1,13 @@
 """Stage 4: compare dense, just-pruned and retrained networks: accuracy, size, MACs and measured latency."""
 
+from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
 from pipeline.metrics import count_macs, count_parameters, latency_pair
 from pipeline.report import accuracy_chart, markdown_report, read_history
 from pipeline.stage import DENSE_CHECKPOINT, FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, \
-    REPORTS_DIR, input_shape, prepare_run, run_stage, write_json
+    REPORTS_DIR, prepare_run, run_stage, write_json
 from pipeline.tracking import track_stage
 from pipeline.train import evaluate
 
@@ -18,7 +19,7 @@ def main(config: Config) -> None:
     checkpoints = {path: load_checkpoint(path, device=device)
                    for path in (DENSE_CHECKPOINT, PRUNED_CHECKPOINT, FINAL_CHECKPOINT)}
     for path, checkpoint in checkpoints.items():
-        check_matches_data(checkpoint, path, info.num_classes, input_shape(info))
+        check_matches_data(checkpoint, path, info.num_classes, info.input_shape)
     dense, pruned, final = (checkpoints[path].model for path in checkpoints)
     example = checkpoints[DENSE_CHECKPOINT].architecture.example_inputs(device)
     batch = example.expand(config.evaluate.latency_batch_size, *example.shape[1:]).contiguous()
@@ -36,6 +37,10 @@ def main(config: Config) -> None:
             "pruned_filters": sum(len(idx) for idx in checkpoints[FINAL_CHECKPOINT].pruned.values()),
             "latency_dense_ms": 1000 * dense_latency, "latency_pruned_ms": 1000 * pruned_latency,
         }
+        probe = experiment.trainability_inputs(config, test, device)
+        if probe is not None:
+            metrics.update({f"jsv_{name}": experiment.trainability(model, probe)
+                            for name, model in (("dense", dense), ("pruned", pruned), ("final", final))})
         metrics.update(sparsity=1 - metrics["params_pruned"] / metrics["params_dense"],
                        speedup_macs=metrics["macs_dense"] / metrics["macs_pruned"],
                        speedup_latency=dense_latency / pruned_latency)

@@ -1,27 +1,24 @@
 """Stage 1: train the dense network from scratch on the configured dataset."""
 
+from pipeline import experiment
 from pipeline.checkpoint import Architecture, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
 from pipeline.metrics import count_macs, count_parameters
-from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, input_shape, prepare_run, run_stage, \
-    write_history, write_json
+from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, run_stage, write_history, \
+    write_json
 from pipeline.tracking import track_stage
-from pipeline.train import fit, sgd, step_schedule
 
 
 def main(config: Config) -> None:
     device = prepare_run(config)
-    settings = config.pretrain
-    train, test, info = build_loaders(config.data, batch_size=settings.batch_size, seed=config.seed, device=device)
-    architecture = Architecture(config.model.name, info.num_classes, input_shape(info), config.model.options)
-    model = architecture.build().to(device)
-    optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
-    scheduler = step_schedule(optimizer, settings.milestones, settings.gamma)
+    train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
+                                      device=device)
+    architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
     with track_stage("pretrain", params=config_to_dict(config)) as tracker:
-        history = fit(model, train, test, optimizer, device=device, epochs=settings.epochs, scheduler=scheduler,
-                      amp=config.amp, stage="pretrain",
-                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
+        model, history = experiment.pretrain(
+            config, architecture, train, test, device,
+            on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history),
                    "params": count_parameters(model),
                    "macs": count_macs(model, architecture.example_inputs(device))}

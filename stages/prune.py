@@ -1,35 +1,34 @@
 """Stage 2: choose the filters once from the dense weights, run the pruning method (TPP by default), and
 physically remove them."""
 
+from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.methods import REGULARIZED_METHODS, PruneContext, run_method
+from pipeline.methods import REGULARIZED_METHODS
 from pipeline.metrics import count_macs, count_parameters
 from pipeline.progress import console
-from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, input_shape, \
-    prepare_run, run_stage, write_history, write_json
-from pipeline.tpp import LambdaSchedule, pruning_summary, select_filters
+from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, prepare_run, \
+    run_stage, write_history, write_json
+from pipeline.tpp import LambdaSchedule, pruning_summary
 from pipeline.tracking import track_stage
 from pipeline.train import evaluate
 
 
 def main(config: Config) -> None:
     device = prepare_run(config)
-    settings = config.prune
-    train, test, info = build_loaders(config.data, batch_size=settings.batch_size, seed=config.seed, device=device)
+    train, test, info = build_loaders(config.data, batch_size=config.prune.batch_size, seed=config.seed,
+                                      device=device)
     dense = load_checkpoint(DENSE_CHECKPOINT, device=device)
-    check_matches_data(dense, DENSE_CHECKPOINT, info.num_classes, input_shape(info))
+    check_matches_data(dense, DENSE_CHECKPOINT, info.num_classes, info.input_shape)
     example = dense.architecture.example_inputs(device)
-    pruned = select_filters(dense.model, config.layer_ratios(), settings.skip, example_inputs=example)
-    summary = pruning_summary(dense.model, pruned)
+    selection = experiment.select(config, dense.model, example)
+    summary = pruning_summary(dense.model, selection)
     dense_params, dense_macs = count_parameters(dense.model), count_macs(dense.model, example)
     _announce(config, summary, len(train))
     with track_stage("prune", params=config_to_dict(config)) as tracker:
-        context = PruneContext(dense.model, pruned, example, train, test, device, settings, config.amp,
-                               on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step),
-                               seed=config.seed)
-        outcome = run_method(settings.method, context)
+        outcome = experiment.prune(config, dense.model, selection, example, train, test, device,
+                                   on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step))
         _, accuracy = evaluate(outcome.model, test, device, config.amp)
         params, macs = count_parameters(outcome.model), count_macs(outcome.model, example)
         metrics = {"acc_after_pruning": accuracy, "params": params, "macs": macs,
@@ -41,7 +40,7 @@ def main(config: Config) -> None:
         write_json(PRUNED_LAYERS, summary)
         write_history(PLOTS_DIR / "prune.csv", outcome.history)
         tracker.log_metrics(metrics)
-        tracker.set_tags({"checkpoint.pruned.sha256": digest, "prune.method": settings.method})
+        tracker.set_tags({"checkpoint.pruned.sha256": digest, "prune.method": config.prune.method})
 
 
 def _announce(config: Config, summary: dict, steps_per_epoch: int) -> None:

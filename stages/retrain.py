@@ -1,26 +1,24 @@
-"""Stage 3: fine-tune the physically pruned network with a fresh SGD optimizer and a step schedule."""
+"""Stage 3: fine-tune the physically pruned network with a fresh SGD optimizer and a step schedule, following its
+trainability (mean Jacobian singular value) epoch by epoch."""
 
+from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, input_shape, prepare_run, \
-    run_stage, write_history, write_json
+from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, prepare_run, run_stage, \
+    write_history, write_json
 from pipeline.tracking import track_stage
-from pipeline.train import fit, sgd, step_schedule
 
 
 def main(config: Config) -> None:
     device = prepare_run(config)
-    settings = config.retrain
-    train, test, info = build_loaders(config.data, batch_size=settings.batch_size, seed=config.seed, device=device)
+    train, test, info = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
+                                      device=device)
     pruned = load_checkpoint(PRUNED_CHECKPOINT, device=device)
-    check_matches_data(pruned, PRUNED_CHECKPOINT, info.num_classes, input_shape(info))
-    optimizer = sgd(pruned.model, settings.lr, settings.momentum, settings.weight_decay)
-    scheduler = step_schedule(optimizer, settings.milestones, settings.gamma)
+    check_matches_data(pruned, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
     with track_stage("retrain", params=config_to_dict(config)) as tracker:
-        history = fit(pruned.model, train, test, optimizer, device=device, epochs=settings.epochs,
-                      scheduler=scheduler, amp=config.amp, stage="retrain",
-                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
+        history = experiment.retrain(config, pruned.model, train, test, device,
+                                     on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
         digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
                                  config=config_to_dict(config), metrics=metrics)

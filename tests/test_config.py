@@ -145,9 +145,10 @@ def test_wrong_type_is_refused_naming_the_full_key(tmp_path: Path, key: str, val
     ({"data.name": "cifar"}, "data.name", "Did you mean 'cifar10'?"),
     ({"prune.method": "tp"}, "prune.method", "Did you mean 'tpp'?"),
     ({"prune.layers": []}, "prune.layers", "is empty and prune.ratios too"),
+    ({"trainability.jsv_samples": -1}, "trainability.jsv_samples", "must be 0 (off) or more"),
 ], ids=["ratio-1", "ratio-negative", "ratios-entry-1.2", "lr-0", "weight-decay-negative", "momentum-1",
         "milestones-decreasing", "milestone-at-epochs", "batch-size-0", "delta-0", "device-gpu", "amp-fp8",
-        "model-typo", "dataset-typo", "method-typo", "no-layers"])
+        "model-typo", "dataset-typo", "method-typo", "no-layers", "jsv-samples-negative"])
 def test_out_of_range_value_is_refused_naming_the_key_and_the_rule(tmp_path: Path, edits: Dict[str, Any], key: str,
                                                                    explanation: str) -> None:
     message = config_error(write_params(tmp_path, edits))

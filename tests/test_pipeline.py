@@ -22,7 +22,7 @@ TRACKED = ["pipeline", "stages", ".dvc/config", ".dvcignore", ".gitignore", "dvc
            "pyproject.toml"]
 TINY = {"model.name": "resnet20", "pretrain.epochs": 2, "pretrain.milestones": [1], "prune.reg.delta": 0.25,
         "prune.reg.stabilize_steps": 6, "prune.ratio": 0.5, "retrain.epochs": 2, "retrain.milestones": [1],
-        "evaluate.latency_repeats": 2, "evaluate.latency_batch_size": 16}
+        "evaluate.latency_repeats": 2, "evaluate.latency_batch_size": 16, "trainability.jsv_samples": 8}
 STAGES = ("pretrain", "prune", "retrain", "evaluate")
 
 
@@ -80,7 +80,7 @@ def test_full_pipeline_runs_and_tracks_every_stage(repo):
     assert stages_ran(output) == set(STAGES)
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     for key in ("dense_acc", "pruned_acc", "final_acc", "params_dense", "params_pruned", "macs_dense", "macs_pruned",
-                "sparsity", "speedup_macs", "speedup_latency"):
+                "sparsity", "speedup_macs", "speedup_latency", "jsv_dense", "jsv_pruned", "jsv_final"):
         assert key in metrics
     assert metrics["params_pruned"] < metrics["params_dense"] and metrics["speedup_macs"] > 1
     assert 0 <= metrics["final_acc"] <= 100
@@ -88,6 +88,10 @@ def test_full_pipeline_runs_and_tracks_every_stage(repo):
                  "reports/report.md", "plots/pretrain.csv", "plots/retrain.csv", "dvc.lock"):
         assert (repo / path).is_file(), path
     assert (repo / "reports/accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    retrain_curve = (repo / "plots/retrain.csv").read_text().splitlines()
+    assert retrain_curve[0].endswith(",test_acc,mean_jsv") and len(retrain_curve) == 3
+    assert float(retrain_curve[-1].split(",")[-1]) == pytest.approx(metrics["jsv_final"], rel=1e-5)
+    assert "mean Jacobian singular value" in (repo / "reports/report.md").read_text()
     assert re.search(r"\[pretrain\] epoch 2/2 .* test_acc [\d.]+%", output)
     assert "Traceback" not in output
 
