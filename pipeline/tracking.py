@@ -18,6 +18,7 @@ import sqlite3
 import time
 import warnings
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -81,6 +82,20 @@ def pipeline_key() -> str:
     return re.sub(r"['\"\\]", "_", key)
 
 
+@dataclass(frozen=True)
+class RunGroup:
+    """The parent run that stage runs nest under: found across processes by `key`, named '<label> <run id>'."""
+
+    key: str
+    label: str
+    experiment: str
+
+
+def pipeline_group() -> RunGroup:
+    """The group of one pipeline execution: its stages, each a separate process, share `pipeline_key()`."""
+    return RunGroup(pipeline_key(), "pipeline", experiment_name())
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested settings as MLflow params: dotted keys (prune.reg.alpha), string values cut to MLflow's limit."""
     flat: dict[str, str] = {}
@@ -140,18 +155,18 @@ def _experiment_id(client: MlflowClient, name: str, location: str | None) -> str
         return experiment.experiment_id
 
 
-def _parent_run_id(client: MlflowClient, experiment_id: str, key: str) -> str:
-    """The RUNNING parent run of this pipeline execution, created by the first stage that asks."""
+def _parent_run_id(client: MlflowClient, experiment_id: str, group: RunGroup) -> str:
+    """The RUNNING parent run of this group (a pipeline execution, a study), created by the first stage that asks."""
     running = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}' AND attributes.status = 'RUNNING'",
+        filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{group.key}' AND attributes.status = 'RUNNING'",
         max_results=1,
         order_by=["attributes.start_time DESC"],
     )
     if running:
         return running[0].info.run_id
-    run_id = client.create_run(experiment_id, tags={PIPELINE_KEY_TAG: key}).info.run_id
-    client.update_run(run_id, name=f"pipeline {run_id[:8]}")
+    run_id = client.create_run(experiment_id, tags={PIPELINE_KEY_TAG: group.key}).info.run_id
+    client.update_run(run_id, name=f"{group.label} {run_id[:8]}")
     return run_id
 
 
@@ -191,8 +206,9 @@ class StageTracker:
     `run_id` and `parent_run_id` name the stage's run and its pipeline's run; `run_id` is None once tracking is off.
     """
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, group: RunGroup | None = None) -> None:
         self.stage = stage
+        self.group = group or pipeline_group()
         self.root = tracking_root()
         self.uri = tracking_uri(self.root)
         self.run_id: str | None = None
@@ -205,8 +221,8 @@ class StageTracker:
             _check_server_reachable(self.uri)
             _check_sqlite_openable(self.uri)
             client = MlflowClient(tracking_uri=self.uri)
-            experiment_id = _experiment_id(client, experiment_name(), artifact_location(self.uri, self.root))
-            parent_run_id = _parent_run_id(client, experiment_id, pipeline_key())
+            experiment_id = _experiment_id(client, self.group.experiment, artifact_location(self.uri, self.root))
+            parent_run_id = _parent_run_id(client, experiment_id, self.group)
             run = client.create_run(experiment_id, run_name=self.stage,
                                     tags={MLFLOW_PARENT_RUN_ID: parent_run_id, STAGE_TAG: self.stage})
         except Exception as error:
@@ -260,14 +276,15 @@ class StageTracker:
 
 
 @contextmanager
-def track_stage(stage: str, *, params: Mapping[str, Any] | None = None,
-                close_pipeline: bool = False) -> Iterator[StageTracker]:
-    """Track one stage as a run nested in its pipeline's run; FAILED (and re-raised) if the body raises.
+def track_stage(stage: str, *, params: Mapping[str, Any] | None = None, close_pipeline: bool = False,
+                group: RunGroup | None = None) -> Iterator[StageTracker]:
+    """Track one stage as a run nested in its group's run (the pipeline's by default); FAILED (and re-raised) if
+    the body raises.
 
     `close_pipeline` marks the last stage: the parent run ends with this stage's status. A failed stage always
     ends the parent too (DVC stops the pipeline there), so a later execution never attaches to a dead parent.
     """
-    tracker = StageTracker(stage)
+    tracker = StageTracker(stage, group)
     tracker.start()
     if params:
         tracker.log_params(params)
