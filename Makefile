@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run recipe test ui bench clean
+.PHONY: setup data run recipe study test ui bench clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,6 +29,10 @@ recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NA
 	@test -f recipes/$(NAME).yaml || { echo "No recipe 'recipes/$(NAME).yaml'. Available: $$(cd recipes && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }
 	cp recipes/$(NAME).yaml params.yaml
 	dvc repro
+
+study: data  ## run a study (methods x ratios x LRs x seeds): make study NAME=table1; report in results/NAME/
+	@test -f studies/$(NAME).yaml || { echo "No study 'studies/$(NAME).yaml'. Available: $$(cd studies && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }
+	$(PYTHON) -m pipeline.study studies/$(NAME).yaml
 
 test: setup  ## set up and run the fast test suite
 	$(PYTHON) -m pytest -q
