@@ -221,16 +221,17 @@ class StudyRunner:
     def cell(self, cell: Cell) -> Tuple[Dict[str, Any], bool]:
         """The cell's measurements and whether they came from the cache."""
         path = self.cache / f"cell-{settings_key(cell.config, CELL_SECTIONS, self.code)}.json"
-        if path.is_file():
-            return json.loads(path.read_text()), True
+        labels = {"method": cell.method, "ratio": cell.ratio, "schedule": cell.schedule, "seed": cell.seed}
+        cached = _read_cell(path) if path.is_file() else None
+        if cached is not None:
+            return {**cached, **labels}, True
         pruned = self._pruned(cell.config)
         config = cell.config
         train, test, _ = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
                                        device=self.device)
         model = copy.deepcopy(pruned.model)
         history = experiment.retrain(config, model, train, test, self.device)
-        result = {"method": cell.method, "ratio": cell.ratio, "schedule": cell.schedule, "seed": cell.seed,
-                  **self._dense(config).metrics, **pruned.metrics,
+        result = {**labels, **self._dense(config).metrics, **pruned.metrics,
                   "best_acc": max(record.test_acc for record in history), "final_acc": history[-1].test_acc,
                   "jsv_final": history[-1].extra.get("mean_jsv"), "history": [_epoch_row(r) for r in history]}
         atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -292,6 +293,15 @@ def _load_cached(path: Path, device: torch.device) -> Optional[_Built]:
         warnings.warn(f"The study cache file {path} is unusable and is computed again: {error}")
         return None
     return _Built(checkpoint.model, checkpoint.architecture, checkpoint.metrics, checkpoint.pruned)
+
+
+def _read_cell(path: Path) -> Optional[Dict[str, Any]]:
+    """A cached cell's measurements, or None (with a warning) when the file is damaged: it is recomputed."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        warnings.warn(f"The study cache file {path} is unusable and is computed again: {error}")
+        return None
 
 
 def _epoch_row(record: EpochRecord) -> Dict[str, float]:

@@ -104,15 +104,28 @@ def test_an_unusable_cache_file_is_rebuilt_with_a_warning(project: Path) -> None
     run_study(study, project / "out", root=project)
     first = (project / "out" / "cells.csv").read_text()
     cache = project / "out" / "cache"
-    for cell in cache.glob("cell-*.json"):
-        cell.unlink()
+    cell = next(cache.glob("cell-*.json"))
+    cell.write_text('{"best_acc": 9')
     dense = next(cache.glob("dense-*.pt"))
     dense.write_bytes(b"not a checkpoint")
+    next(cache.glob("pruned-*.pt")).unlink()
 
-    with pytest.warns(UserWarning, match="is unusable and is computed again"):
+    with pytest.warns(UserWarning, match="is unusable and is computed again") as warned:
         run_study(study, project / "out", root=project)
+    assert {str(warning.message).split(" is unusable")[0] for warning in warned} == {
+        f"The study cache file {cell}", f"The study cache file {dense}"}
     assert (project / "out" / "cells.csv").read_text() == first
     assert torch.load(dense, weights_only=True)["format"] == "tpp-pipeline/checkpoint"
+    assert json.loads(cell.read_text())["best_acc"] > 9
+
+
+def test_renamed_rows_reuse_their_cells_under_the_new_names(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_study(write_study(project, methods={"L1": {"prune.method": "l1"}}, ratios=[0.5]), project / "out",
+              root=project)
+    monkeypatch.setattr(experiment, "retrain", lambda *args, **kwargs: pytest.fail("a cell was computed again"))
+    output = run_study(write_study(project, methods={"L1 (Li et al.)": {"prune.method": "l1"}}, ratios=[0.5]),
+                       project / "out", root=project)
+    assert "| L1 (Li et al.) |" in (output / "report.md").read_text()
 
 
 def test_a_study_cell_equals_the_pipeline_run_with_its_settings(project: Path) -> None:
