@@ -20,11 +20,11 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
-import torch_pruning as tp
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -35,7 +35,7 @@ from pipeline.models import create_model
 from pipeline.runtime import resolve_device
 from pipeline.surgery import remove_filters
 from pipeline.tpp import TPPRegularizer, select_filters
-from pipeline.train import TrainingHooks, train_step, sgd
+from pipeline.train import TrainingHooks, sgd, train_step
 
 MODEL = "resnet56"
 NUM_CLASSES = 10
@@ -206,7 +206,8 @@ def cpu_name() -> str:
 def environment(device: torch.device) -> Dict[str, object]:
     """What the figures depend on: versions, hardware and the thread count CPU kernels use."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"torch": torch.__version__, "torch_pruning": tp.__version__, "python": platform.python_version(),
+    return {"torch": torch.__version__, "torch_pruning": metadata.version("torch-pruning"),
+            "python": platform.python_version(),
             "device": f"{device} ({name})", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
