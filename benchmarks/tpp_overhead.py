@@ -30,12 +30,13 @@ from rich.table import Table
 from torch import nn
 
 from pipeline.config import PruneConfig, RegularizerConfig
-from pipeline.metrics import count_macs, count_parameters, latency_pair
+from pipeline.measure.cost import count_macs, count_parameters, latency_pair
 from pipeline.models import create_model
 from pipeline.runtime import resolve_device
-from pipeline.surgery import remove_filters
-from pipeline.tpp import TPPRegularizer, select_filters
-from pipeline.train import TrainingHooks, sgd, train_step
+from pipeline.pruning.surgery import remove_filters
+from pipeline.pruning.selection import select_filters
+from pipeline.pruning.regularizer import TPPRegularizer
+from pipeline.training.loop import TrainingHooks, sgd, train_step
 
 MODEL = "resnet56"
 NUM_CLASSES = 10

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.errors import CheckpointError
 from pipeline.models import create_model
-from pipeline.surgery import remove_filters
+from pipeline.pruning.surgery import remove_filters
 
 CHECKPOINT_FORMAT = "tpp-pipeline/checkpoint"
 CHECKPOINT_VERSION = 1

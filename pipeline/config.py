@@ -251,26 +251,23 @@ def _first_line(error: BaseException) -> str:
 
 
 def validate(config: Config) -> None:
-    """Range and name checks that types alone cannot express; raise on the first problem."""
-    from pipeline.data import available_datasets
-    from pipeline.methods import available_methods
-    from pipeline.models import available_models
+    """Range and format checks that types alone cannot express; raise on the first problem.
 
-    _require(DEVICE_PATTERN.match(config.device) is not None, "device",
+    Names looked up in registries (datasets, models, methods) are checked one layer up, in `pipeline.settings`,
+    so that this module depends on none of the modules that read its sections.
+    """
+    require(DEVICE_PATTERN.match(config.device) is not None, "device",
              f"'{config.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
-    _require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
-    _one_of("data.name", config.data.name, available_datasets())
-    _one_of("model.name", config.model.name, available_models())
-    _one_of("prune.method", config.prune.method, available_methods())
+    require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
     _positive("data.eval_batch_size", config.data.eval_batch_size)
-    _require(config.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    require(config.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
     for key in ("image_size", "channels"):
         value = getattr(config.data, key)
-        _require(value is None or value >= 1, f"data.{key}", "must be null (native) or a positive integer")
+        require(value is None or value >= 1, f"data.{key}", "must be null (native) or a positive integer")
     for section in ("pretrain", "retrain"):
         _validate_training(section, getattr(config, section))
     _validate_prune(config.prune)
-    _require(config.trainability.jsv_samples >= 0, "trainability.jsv_samples", "must be 0 (off) or more")
+    require(config.trainability.jsv_samples >= 0, "trainability.jsv_samples", "must be 0 (off) or more")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
 
@@ -279,50 +276,50 @@ def _validate_training(section: str, train: TrainConfig) -> None:
     _positive(f"{section}.epochs", train.epochs)
     _positive(f"{section}.batch_size", train.batch_size)
     _positive(f"{section}.lr", train.lr)
-    _require(0 <= train.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
-    _require(train.weight_decay >= 0, f"{section}.weight_decay", "must be 0 or more")
-    _require(0 < train.gamma <= 1, f"{section}.gamma", "must be in (0, 1]")
+    require(0 <= train.momentum < 1, f"{section}.momentum", "must be in [0, 1)")
+    require(train.weight_decay >= 0, f"{section}.weight_decay", "must be 0 or more")
+    require(0 < train.gamma <= 1, f"{section}.gamma", "must be in (0, 1]")
     milestones = list(train.milestones)
-    _require(milestones == sorted(set(milestones)) and all(m >= 1 for m in milestones), f"{section}.milestones",
+    require(milestones == sorted(set(milestones)) and all(m >= 1 for m in milestones), f"{section}.milestones",
              f"{milestones} must be strictly increasing epoch numbers of at least 1")
-    _require(all(m < train.epochs for m in milestones), f"{section}.milestones",
+    require(all(m < train.epochs for m in milestones), f"{section}.milestones",
              f"{milestones} has an epoch at or past {section}.epochs={train.epochs}, so it would never apply")
 
 
 def _validate_prune(prune: PruneConfig) -> None:
-    _require(len(prune.layers) + len(prune.ratios) > 0, "prune.layers",
+    require(len(prune.layers) + len(prune.ratios) > 0, "prune.layers",
              "is empty and prune.ratios too: name at least one layer pattern such as '*layer*.conv1'")
     _ratio("prune.ratio", prune.ratio)
     for pattern, ratio in prune.ratios.items():
         _ratio(f"prune.ratios['{pattern}']", ratio)
     _positive("prune.batch_size", prune.batch_size)
     _positive("prune.lr", prune.lr)
-    _require(0 <= prune.momentum < 1, "prune.momentum", "must be in [0, 1)")
-    _require(prune.weight_decay >= 0, "prune.weight_decay", "must be 0 or more")
+    require(0 <= prune.momentum < 1, "prune.momentum", "must be in [0, 1)")
+    require(prune.weight_decay >= 0, "prune.weight_decay", "must be 0 or more")
     reg = prune.reg
-    _require(reg.alpha >= 0, "prune.reg.alpha", "must be 0 or more")
+    require(reg.alpha >= 0, "prune.reg.alpha", "must be 0 or more")
     _positive("prune.reg.delta", reg.delta)
     _positive("prune.reg.interval", reg.interval)
     _positive("prune.reg.max_lambda", reg.max_lambda)
-    _require(reg.stabilize_steps >= 0, "prune.reg.stabilize_steps", "must be 0 or more")
+    require(reg.stabilize_steps >= 0, "prune.reg.stabilize_steps", "must be 0 or more")
     _positive("prune.reg.zero_out_interval", reg.zero_out_interval)
 
 
 def _ratio(key: str, value: float) -> None:
-    _require(0 <= value < 1 and math.isfinite(value), key,
+    require(0 <= value < 1 and math.isfinite(value), key,
              f"{value} is not a pruning ratio; it must be in [0, 1) (a whole layer is never pruned)")
 
 
 def _positive(key: str, value: float) -> None:
-    _require(value > 0 and math.isfinite(value), key, f"{value} must be greater than 0")
+    require(value > 0 and math.isfinite(value), key, f"{value} must be greater than 0")
 
 
-def _one_of(key: str, value: str, allowed: Sequence[str]) -> None:
+def one_of(key: str, value: str, allowed: Sequence[str]) -> None:
     close = difflib.get_close_matches(value, list(allowed), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    _require(value in allowed, key, f"'{value}' is unknown.{hint} Available: {', '.join(allowed)}")
+    require(value in allowed, key, f"'{value}' is unknown.{hint} Available: {', '.join(allowed)}")
 
 
-def _require(condition: bool, key: str, problem: str) -> None:
+def require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(f"params.yaml: '{key}' {problem}. Fix it in params.yaml (or in the override you passed).")

@@ -15,11 +15,11 @@ from torch import nn
 
 from pipeline.checkpoint import Architecture
 from pipeline.config import Config
-from pipeline.jacobian import JacobianProbe, first_inputs, mean_jacobian_singular_value
-from pipeline.methods import PruneContext, PruneOutcome, run_method
+from pipeline.measure.jacobian import JacobianProbe, first_inputs, mean_jacobian_singular_value
+from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
 from pipeline.runtime import seed_everything
-from pipeline.tpp import select_filters
-from pipeline.train import Batches, EpochRecord, TrainingHooks, fit, sgd, step_schedule
+from pipeline.pruning.selection import select_filters
+from pipeline.training.loop import Batches, EpochRecord, TrainingHooks, fit, sgd, step_schedule
 
 OnEpoch = Optional[Callable[[EpochRecord], None]]
 

@@ -15,12 +15,13 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config
+from pipeline.settings import load_settings
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_text
 from pipeline.progress import console
 from pipeline.runtime import check_amp, resolve_device, seed_everything
-from pipeline.train import EpochRecord
+from pipeline.training.loop import EpochRecord
 
 DENSE_CHECKPOINT = Path("models/dense.pt")
 PRUNED_CHECKPOINT = Path("models/pruned.pt")
@@ -35,7 +36,7 @@ def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None)
     """Load and validate params.yaml (plus `key=value` overrides), run the stage, and turn user errors into
     one readable paragraph and exit status 2 instead of a traceback."""
     try:
-        main(load_config(list(sys.argv[1:] if argv is None else argv)))
+        main(load_settings(list(sys.argv[1:] if argv is None else argv)))
     except PipelineError as error:
         console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         sys.exit(2)

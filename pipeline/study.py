@@ -33,16 +33,17 @@ from torch import nn
 
 from pipeline import experiment
 from pipeline.checkpoint import Architecture, load_checkpoint, save_checkpoint
-from pipeline.config import Config, config_from_mapping, config_to_dict, project_root, read_settings
+from pipeline.config import Config, config_to_dict, project_root, read_settings
+from pipeline.settings import settings_from_mapping
 from pipeline.data import build_loaders
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.files import atomic_write_text
-from pipeline.metrics import count_macs, count_parameters
+from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.runtime import check_amp, resolve_device
 from pipeline.study_report import write_study_outputs
 from pipeline.tracking import RunGroup, StageTracker, track_stage
-from pipeline.train import EpochRecord, evaluate
+from pipeline.training.loop import EpochRecord, evaluate
 
 DENSE_SECTIONS = ("seed", "device", "amp", "data", "model", "pretrain")
 PRUNED_SECTIONS = DENSE_SECTIONS + ("prune",)
@@ -170,7 +171,7 @@ def _apply(raw: Dict[str, Any], overrides: Mapping[str, Any], study_path: Path, 
 
 def _cell(method: str, ratio: float, schedule: str, seed: int, raw: Dict[str, Any], study_path: Path) -> Cell:
     try:
-        config = config_from_mapping(raw)
+        config = settings_from_mapping(raw)
     except ConfigError as error:
         raise ConfigError(f"{study_path}, cell '{method}' at ratio {ratio:g}, '{schedule}', seed {seed}: "
                           f"{error}") from None

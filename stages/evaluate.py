@@ -4,12 +4,12 @@ from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.metrics import count_macs, count_parameters, latency_pair
+from pipeline.measure.cost import count_macs, count_parameters, latency_pair
 from pipeline.report import accuracy_chart, markdown_report, read_history
 from pipeline.stage import DENSE_CHECKPOINT, FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, \
     REPORTS_DIR, prepare_run, run_stage, write_json
 from pipeline.tracking import track_stage
-from pipeline.train import evaluate
+from pipeline.training.loop import evaluate
 
 
 def main(config: Config) -> None:

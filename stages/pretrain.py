@@ -4,7 +4,7 @@ from pipeline import experiment
 from pipeline.checkpoint import Architecture, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.metrics import count_macs, count_parameters
+from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, run_stage, write_history, \
     write_json
 from pipeline.tracking import track_stage

@@ -5,14 +5,15 @@ from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.methods import REGULARIZED_METHODS
-from pipeline.metrics import count_macs, count_parameters
+from pipeline.pruning.methods import REGULARIZED_METHODS
+from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, prepare_run, \
     run_stage, write_history, write_json
-from pipeline.tpp import LambdaSchedule, pruning_summary
+from pipeline.pruning.selection import pruning_summary
+from pipeline.pruning.regularizer import LambdaSchedule
 from pipeline.tracking import track_stage
-from pipeline.train import evaluate
+from pipeline.training.loop import evaluate
 
 
 def main(config: Config) -> None:

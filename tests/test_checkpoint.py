@@ -5,8 +5,8 @@ import torch
 
 from pipeline.checkpoint import Architecture, check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.errors import CheckpointError
-from pipeline.surgery import remove_filters
-from pipeline.tpp import select_filters
+from pipeline.pruning.surgery import remove_filters
+from pipeline.pruning.selection import select_filters
 
 ARCH = Architecture("resnet20", 10, (1, 8, 8), {"shortcut": "A"})
 

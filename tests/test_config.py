@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 import pytest
 import yaml
 
-from pipeline.config import config_to_dict, load_config
+from pipeline.config import config_to_dict
+from pipeline.settings import load_settings
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +51,7 @@ def write_params_text(folder: Path, old: str, new: str) -> Path:
 def config_error(path: Path, overrides: Tuple[str, ...] = ()) -> str:
     """The message of the ConfigError that loading `path` must raise."""
     with pytest.raises(ConfigError) as caught:
-        load_config(overrides, path=path)
+        load_settings(overrides, path=path)
     return str(caught.value)
 
 
@@ -67,7 +68,7 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any
 
 
 def test_shipped_params_load_with_every_value_as_written(tmp_path: Path) -> None:
-    config = load_config(path=copy_params(tmp_path))
+    config = load_settings(path=copy_params(tmp_path))
 
     shipped = dict(leaves(yaml.safe_load(PARAMS.read_text())))
     loaded = dict(leaves(config_to_dict(config)))
@@ -77,7 +78,7 @@ def test_shipped_params_load_with_every_value_as_written(tmp_path: Path) -> None
 
 
 def test_layer_ratios_maps_the_layer_patterns_to_prune_ratio(tmp_path: Path) -> None:
-    config = load_config(path=copy_params(tmp_path))
+    config = load_settings(path=copy_params(tmp_path))
 
     assert config.layer_ratios() == {"*layer*.conv1": config.prune.ratio} == {"*layer*.conv1": 0.9}
 
@@ -85,13 +86,13 @@ def test_layer_ratios_maps_the_layer_patterns_to_prune_ratio(tmp_path: Path) -> 
 def test_extra_ratios_come_after_the_layer_patterns_and_win(tmp_path: Path) -> None:
     path = write_params(tmp_path, {"prune.ratios": {"layer3.*.conv1": 0.5, "*layer*.conv1": 0.3}})
 
-    assert list(load_config(path=path).layer_ratios().items()) == [("*layer*.conv1", 0.3), ("layer3.*.conv1", 0.5)]
+    assert list(load_settings(path=path).layer_ratios().items()) == [("*layer*.conv1", 0.3), ("layer3.*.conv1", 0.5)]
 
 
 def test_empty_layers_are_fine_when_ratios_name_the_layers(tmp_path: Path) -> None:
     path = write_params(tmp_path, {"prune.layers": [], "prune.ratios": {"layer1.*.conv1": 0.5}})
 
-    assert load_config(path=path).layer_ratios() == {"layer1.*.conv1": 0.5}
+    assert load_settings(path=path).layer_ratios() == {"layer1.*.conv1": 0.5}
 
 
 # --- unknown keys and wrong types --------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_amp_values_survive_a_yaml_1_2_round_trip_as_dvc_exp_writes_it(tmp_path:
 
 
 def test_override_replaces_the_value_from_params_yaml(tmp_path: Path) -> None:
-    config = load_config(["prune.ratio=0.7"], path=copy_params(tmp_path))
+    config = load_settings(["prune.ratio=0.7"], path=copy_params(tmp_path))
 
     assert config.prune.ratio == 0.7
     assert config.layer_ratios() == {"*layer*.conv1": 0.7}

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.jacobian import JacobianProbe, first_inputs, input_jacobians, mean_jacobian_singular_value
+from pipeline.measure.jacobian import JacobianProbe, first_inputs, input_jacobians, mean_jacobian_singular_value
 from pipeline.models import create_model
-from pipeline.orthogonal import orthogonalize_
-from pipeline.surgery import remove_filters
-from pipeline.tpp import select_filters
-from pipeline.train import fit, sgd
+from pipeline.pruning.orthogonal import orthogonalize_
+from pipeline.pruning.surgery import remove_filters
+from pipeline.pruning.selection import select_filters
+from pipeline.training.loop import fit, sgd
 
 MLP_RATIOS = {"layers.[0-5]": 0.8}
 

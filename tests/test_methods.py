@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.methods as methods
+import pipeline.pruning.methods as methods
 from pipeline.config import PruneConfig, RegularizerConfig
 from pipeline.errors import ConfigError
-from pipeline.methods import PruneContext, PruneOutcome, available_methods, run_method
+from pipeline.pruning.methods import PruneContext, PruneOutcome, available_methods, run_method
 from pipeline.models import create_model
-from pipeline.orthogonal import activation_gain
-from pipeline.surgery import prunable_layers
-from pipeline.tpp import select_filters
+from pipeline.pruning.orthogonal import activation_gain
+from pipeline.pruning.surgery import prunable_layers
+from pipeline.pruning.selection import select_filters
 
 CPU = torch.device("cpu")
 RATIOS = {"*layer*.conv1": 0.5}

@@ -13,11 +13,13 @@ import torch
 import yaml
 from torch import nn
 
-from pipeline.config import Config, load_config
-from pipeline.metrics import count_macs
+from pipeline.config import Config
+from pipeline.settings import load_settings
+from pipeline.measure.cost import count_macs
 from pipeline.models import create_model
-from pipeline.surgery import prunable_layers, remove_filters
-from pipeline.tpp import LambdaSchedule, select_filters
+from pipeline.pruning.surgery import prunable_layers, remove_filters
+from pipeline.pruning.selection import select_filters
+from pipeline.pruning.regularizer import LambdaSchedule
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RESNET50_RECIPES = {"resnet50_imagenet_1.49x.yaml": 1.49, "resnet50_imagenet_2.31x.yaml": 2.31,
@@ -44,7 +46,7 @@ MacCounter = Callable[[nn.Module, torch.Tensor], int]
 
 
 def recipe(name: str, overrides: Sequence[str] = ()) -> Config:
-    return load_config(overrides, path=RECIPES_DIR / name)
+    return load_settings(overrides, path=RECIPES_DIR / name)
 
 
 def dense_model(config: Config) -> tuple[nn.Module, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Stage plumbing: DVC output files are deterministic, so identical runs leave DVC nothing to record."""
 
 from pipeline.stage import write_history, write_json
-from pipeline.train import EpochRecord
+from pipeline.training.loop import EpochRecord
 
 
 def test_history_csv_leaves_out_wall_time_so_identical_runs_write_identical_files(tmp_path):

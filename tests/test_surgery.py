@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pipeline.models import create_model
-from pipeline.surgery import removal_members, remove_filters, zero_members
-from pipeline.tpp import select_filters
+from pipeline.pruning.surgery import removal_members, remove_filters, zero_members
+from pipeline.pruning.selection import select_filters
 
 
 def randomize_batchnorm(model: nn.Module) -> None:

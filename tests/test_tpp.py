@@ -10,10 +10,10 @@ from torch import nn
 from pipeline.config import RegularizerConfig
 from pipeline.errors import PruningError
 from pipeline.models import create_model
-from pipeline.surgery import build_graph, group_members
-from pipeline.tpp import (LambdaSchedule, TPPRegularizer, decorrelation_loss, layer_ratios, pruned_count,
-                          select_filters)
-from pipeline.train import fit, sgd
+from pipeline.pruning.surgery import build_graph, group_members
+from pipeline.pruning.selection import layer_ratios, pruned_count, select_filters
+from pipeline.pruning.regularizer import LambdaSchedule, TPPRegularizer, decorrelation_loss
+from pipeline.training.loop import fit, sgd
 
 
 def direct_decorrelation(weight: torch.Tensor, pruned: list) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import TrainingError
-from pipeline.train import TrainingHooks, evaluate, fit, sgd, step_schedule
+from pipeline.training.loop import TrainingHooks, evaluate, fit, sgd, step_schedule
 
 CPU = torch.device("cpu")
 

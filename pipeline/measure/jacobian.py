@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from pipeline.train import Batches, TrainingHooks
+from pipeline.training.loop import Batches, TrainingHooks
 
 SAMPLES_PER_CHUNK = 32
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.surgery import prunable_layers
+from pipeline.pruning.surgery import prunable_layers
 
 DEFAULT_ACTIVATION = "relu"
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from pipeline.config import PruneConfig
 from pipeline.errors import ConfigError
-from pipeline.orthogonal import activation_gain, orthogonalize_
-from pipeline.surgery import prunable_layers, remove_filters
-from pipeline.tpp import TPPRegularizer
-from pipeline.train import Batches, EpochRecord, evaluate, fit, sgd
+from pipeline.pruning.orthogonal import activation_gain, orthogonalize_
+from pipeline.pruning.surgery import prunable_layers, remove_filters
+from pipeline.pruning.regularizer import TPPRegularizer
+from pipeline.training.loop import Batches, EpochRecord, evaluate, fit, sgd
 
 
 @dataclass

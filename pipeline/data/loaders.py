@@ -13,7 +13,6 @@ Missing or unreadable data raises a `DataError` that says how to get it; DVC tra
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from dataclasses import dataclass
@@ -357,18 +356,3 @@ _BUILDERS: dict[str, Callable[[DataConfig, _Feed], Loaders]] = {
     "imagefolder": _build_imagefolder,
     "mnist": _build_mnist,
 }
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line: write the offline default dataset into the data folder."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.data",
-                                     description="Write the offline default dataset into the data folder.")
-    parser.add_argument("dataset", choices=["digits"], help="the dataset to write (only digits works offline)")
-    parser.add_argument("--root", type=Path, default=Path("data"), help="the data folder (default: data)")
-    arguments = parser.parse_args(argv)
-    folder = materialize_digits(arguments.root)
-    print(f"Wrote the digits dataset to {folder}")
-
-
-if __name__ == "__main__":
-    main()

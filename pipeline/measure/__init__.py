@@ -1,0 +1,1 @@
+"""Measurements of networks: size, compute, latency, trainability."""

@@ -1,0 +1,1 @@
+"""Pruning: which filters go (selection), TPP's regularizer, the methods registry and physical removal."""
