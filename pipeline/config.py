@@ -25,7 +25,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError
 
-AMP_MODES = ("fp32", "bf16", "fp16")
+AMP_MODES = ("auto", "fp32", "bf16", "fp16")
+STEP_MODES = ("eager", "compile", "graph")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -112,12 +114,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrainerConfig:
+    """How the one training loop runs, whatever it trains: processes, the compiled step, numerics and resume."""
+
+    devices: int = 1
+    step: str = "eager"
+    memory_format: str = "auto"
+    tf32: bool = False
+    deterministic: bool = False
+    checkpoint_every: int = 200
+    resume: bool = True
+
+
+@dataclass
 class Config:
     """All settings of one experiment: one section per stage plus the shared ones."""
 
     seed: int = 0
     device: str = "auto"
-    amp: str = "fp32"
+    amp: str = "auto"
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
@@ -267,6 +283,7 @@ def validate(config: Config) -> None:
     for section in ("pretrain", "retrain"):
         _validate_training(section, getattr(config, section))
     _validate_prune(config.prune)
+    _validate_trainer(config.trainer)
     require(config.trainability.jsv_samples >= 0, "trainability.jsv_samples", "must be 0 (off) or more")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
@@ -284,6 +301,15 @@ def _validate_training(section: str, train: TrainConfig) -> None:
              f"{milestones} must be strictly increasing epoch numbers of at least 1")
     require(all(m < train.epochs for m in milestones), f"{section}.milestones",
              f"{milestones} has an epoch at or past {section}.epochs={train.epochs}, so it would never apply")
+
+
+def _validate_trainer(trainer: TrainerConfig) -> None:
+    _positive("trainer.devices", trainer.devices)
+    require(trainer.step in STEP_MODES, "trainer.step", f"'{trainer.step}' is not one of {', '.join(STEP_MODES)}")
+    require(trainer.memory_format in MEMORY_FORMATS, "trainer.memory_format",
+            f"'{trainer.memory_format}' is not one of {', '.join(MEMORY_FORMATS)}")
+    require(trainer.checkpoint_every >= 0, "trainer.checkpoint_every",
+            "must be 0 (resume checkpoints at epoch ends only) or a number of steps")
 
 
 def _validate_prune(prune: PruneConfig) -> None:

@@ -17,23 +17,24 @@ from pipeline.checkpoint import Architecture
 from pipeline.config import Config
 from pipeline.measure.jacobian import JacobianProbe, first_inputs, mean_jacobian_singular_value
 from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
-from pipeline.runtime import seed_everything
+from pipeline.runtime import Runtime, seed_everything
 from pipeline.pruning.selection import select_filters
 from pipeline.training.loop import Batches, EpochRecord, TrainingHooks, fit, sgd, step_schedule
+from pipeline.training.state import ResumeFile
 
 OnEpoch = Optional[Callable[[EpochRecord], None]]
 
 
-def pretrain(config: Config, architecture: Architecture, train: Batches, test: Batches, device: torch.device,
-             on_epoch: OnEpoch = None) -> tuple[nn.Module, List[EpochRecord]]:
+def pretrain(config: Config, architecture: Architecture, train: Batches, test: Batches, runtime: Runtime,
+             on_epoch: OnEpoch = None, resume: Optional[ResumeFile] = None) -> tuple[nn.Module, List[EpochRecord]]:
     """Build the dense network from the seed and train it with SGD and the step schedule of `pretrain`."""
     settings = config.pretrain
     seed_everything(config.seed)
-    model = architecture.build().to(device)
+    model = architecture.build().to(runtime.device)
     optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
-    history = fit(model, train, test, optimizer, device=device, epochs=settings.epochs,
-                  scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), amp=config.amp,
-                  stage="pretrain", on_epoch=on_epoch)
+    history = fit(model, train, test, optimizer, runtime=runtime, epochs=settings.epochs,
+                  scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), stage="pretrain",
+                  resume=resume, on_epoch=on_epoch)
     return model, history
 
 
@@ -43,25 +44,26 @@ def select(config: Config, dense: nn.Module, example_inputs: torch.Tensor) -> Di
 
 
 def prune(config: Config, dense: nn.Module, selection: Mapping[str, torch.Tensor], example_inputs: torch.Tensor,
-          train: Batches, test: Batches, device: torch.device, on_epoch: OnEpoch = None) -> PruneOutcome:
+          train: Batches, test: Batches, runtime: Runtime, on_epoch: OnEpoch = None,
+          resume: Optional[ResumeFile] = None) -> PruneOutcome:
     """Run `prune.method` on the dense network (modified in place) and return the physically smaller one."""
     seed_everything(config.seed)
-    context = PruneContext(dense, selection, example_inputs, train, test, device, config.prune, config.amp,
-                           on_epoch=on_epoch, seed=config.seed)
+    context = PruneContext(dense, selection, example_inputs, train, test, runtime, config.prune,
+                           on_epoch=on_epoch, seed=config.seed, resume=resume)
     return run_method(config.prune.method, context)
 
 
-def retrain(config: Config, model: nn.Module, train: Batches, test: Batches, device: torch.device,
-            on_epoch: OnEpoch = None) -> List[EpochRecord]:
+def retrain(config: Config, model: nn.Module, train: Batches, test: Batches, runtime: Runtime,
+            on_epoch: OnEpoch = None, resume: Optional[ResumeFile] = None) -> List[EpochRecord]:
     """Fine-tune the pruned network with a fresh optimizer, measuring its trainability after every epoch."""
     settings = config.retrain
-    probe_inputs = trainability_inputs(config, test, device)
+    probe_inputs = trainability_inputs(config, test, runtime.device)
     hooks = JacobianProbe(probe_inputs) if probe_inputs is not None else TrainingHooks()
     seed_everything(config.seed)
     optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
-    return fit(model, train, test, optimizer, device=device, epochs=settings.epochs,
+    return fit(model, train, test, optimizer, runtime=runtime, epochs=settings.epochs,
                scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), hooks=hooks,
-               amp=config.amp, stage="retrain", on_epoch=on_epoch)
+               stage="retrain", resume=resume, on_epoch=on_epoch)
 
 
 def trainability_inputs(config: Config, test: Batches, device: torch.device) -> Optional[torch.Tensor]:

@@ -14,10 +14,10 @@ console = Console(stderr=True, highlight=False)
 class StageProgress:
     """A step counter for one long loop; the bar only renders on a TTY, log lines always print."""
 
-    def __init__(self, description: str, total: int):
+    def __init__(self, description: str, total: int, enabled: bool = True):
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                                  disable=not console.is_terminal, transient=True)
+                                  disable=not (enabled and console.is_terminal), transient=True)
         self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self) -> "StageProgress":

@@ -1,17 +1,47 @@
-"""Where and how computation runs: device choice, seeding and mixed precision."""
+"""Where and how computation runs: device choice, numerics, seeding and the resolved `Runtime` of a stage."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+from dataclasses import dataclass
 from typing import ContextManager
 
 import numpy as np
 import torch
 
+from pipeline.config import TrainerConfig
 from pipeline.errors import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a stage computes, resolved once from the settings: every `auto` already decided.
+
+    `rank` and `world_size` describe the process group when the stage runs under torchrun (DDP); a single
+    process is rank 0 of 1. `checkpoint_every` is the step interval of resume checkpoints (0: epoch ends only).
+    """
+
+    device: torch.device
+    amp: str = "fp32"
+    step: str = "eager"
+    channels_last: bool = False
+    checkpoint_every: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, tracks and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -22,16 +52,45 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"params.yaml: 'device' is '{name}' but this machine has no CUDA GPU. "
                           f"Use `device: auto` (CUDA when present, else CPU) or `device: cpu`.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"params.yaml: 'device' is '{name}' but this machine has {torch.cuda.device_count()} "
+                          f"CUDA GPU(s), numbered from 0. Use `device: auto` or an existing cuda:N.")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("params.yaml: 'device' is 'mps' but MPS is not available here. Use `device: auto`.")
     return device
 
 
-def check_amp(amp: str, device: torch.device) -> None:
-    """Autocast is a CUDA fast path; asking for it elsewhere is refused rather than silently ignored."""
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """`auto` is bf16 on CUDA (the fast path) and fp32 elsewhere; explicit mixed precision off CUDA is refused
+    rather than silently ignored."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
     if amp != "fp32" and device.type != "cuda":
         raise ConfigError(f"params.yaml: 'amp' is '{amp}' but the stage runs on {device.type}; mixed precision is "
-                          f"only supported on CUDA. Set `amp: fp32` for this machine.")
+                          f"only supported on CUDA. Set `amp: auto` (fp32 off CUDA) or `amp: fp32`.")
+    return amp
+
+
+def resolve_runtime(trainer: TrainerConfig, device: torch.device, amp: str, rank: int = 0,
+                    world_size: int = 1) -> Runtime:
+    """Turn the trainer settings into a `Runtime`, refusing what this device cannot do."""
+    if trainer.step == "graph" and device.type != "cuda":
+        raise ConfigError(f"params.yaml: 'trainer.step' is 'graph' but the stage runs on {device.type}; CUDA graphs "
+                          f"need a CUDA GPU. Use `trainer.step: eager` (or `compile`) on this machine.")
+    channels_last = trainer.memory_format == "channels_last" or (
+        trainer.memory_format == "auto" and device.type == "cuda")
+    return Runtime(device=device, amp=resolve_amp(amp, device), step=trainer.step, channels_last=channels_last,
+                   checkpoint_every=trainer.checkpoint_every, rank=rank, world_size=world_size)
+
+
+def configure_numerics(trainer: TrainerConfig, device: torch.device) -> None:
+    """TF32 only when asked; deterministic algorithms when asked (CPU kernels are deterministic already)."""
+    torch.backends.cuda.matmul.allow_tf32 = trainer.tf32
+    torch.backends.cudnn.allow_tf32 = trainer.tf32
+    if trainer.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:

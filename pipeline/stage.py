@@ -1,7 +1,8 @@
-"""What every stage script shares: the entry point, the run set-up, artifact paths and writers.
+"""What every stage script shares: the entry point, the run set-up, artifact paths, resume files and writers.
 
 Stage scripts stay thin: they read settings, call library functions and write their declared outputs, always
-at the very end and atomically, so a stage refused for bad input or killed midway leaves no half-written file.
+at the very end, atomically and from the main process only, so a stage refused for bad input or killed midway
+leaves no half-written file. A stage asked for several devices relaunches itself under torchrun.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
 
-import torch
-
-from pipeline.config import Config
-from pipeline.settings import load_settings
+from pipeline.config import Config, config_to_dict
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_text
+from pipeline.fingerprint import code_fingerprint, files_fingerprint, fingerprint
 from pipeline.progress import console
-from pipeline.runtime import check_amp, resolve_device, seed_everything
+from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime, seed_everything
+from pipeline.settings import load_settings
+from pipeline.training import distributed
 from pipeline.training.loop import EpochRecord
+from pipeline.training.state import ResumeFile
 
 DENSE_CHECKPOINT = Path("models/dense.pt")
 PRUNED_CHECKPOINT = Path("models/pruned.pt")
@@ -30,24 +32,79 @@ PRUNED_LAYERS = Path("models/pruned_layers.json")
 METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORTS_DIR = Path("reports")
+RESUME_DIR = Path("resume")
+
+# The settings each stage reads (dotted keys select part of a section). dvc.yaml's dependencies, the resolved
+# settings files and the resume fingerprints all derive from this one table.
+STAGE_SETTINGS: Dict[str, Sequence[str]] = {
+    "pretrain": ("seed", "device", "amp", "trainer", "data", "model", "pretrain"),
+    "prune": ("seed", "device", "amp", "trainer", "data", "prune"),
+    "retrain": ("seed", "device", "amp", "trainer", "data", "retrain", "trainability"),
+    "evaluate": ("seed", "device", "amp", "trainer", "data", "model.name", "prune.method", "trainability",
+                 "evaluate"),
+}
+# Settings that change how a run proceeds but never what it produces: left out of what stages depend on.
+RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume")
 
 
 def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None) -> None:
-    """Load and validate params.yaml (plus `key=value` overrides), run the stage, and turn user errors into
-    one readable paragraph and exit status 2 instead of a traceback."""
+    """Load and validate params.yaml (plus `key=value` overrides), run the stage (under torchrun when
+    `trainer.devices` > 1), and turn user errors into one readable paragraph and exit status 2 instead of a
+    traceback."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(load_settings(list(sys.argv[1:] if argv is None else argv)))
+        config = load_settings(arguments)
+        if config.trainer.devices > 1 and not distributed.under_launcher():
+            distributed.check_devices(config.trainer.devices, resolve_device(config.device))
+            sys.exit(distributed.launch(config.trainer.devices, sys.argv[0], arguments))
+        main(config)
     except PipelineError as error:
         console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         sys.exit(2)
+    finally:
+        distributed.stop_process_group()
 
 
-def prepare_run(config: Config) -> torch.device:
-    """Device checks and seeding, before any data or model is touched."""
+def prepare_run(config: Config) -> Runtime:
+    """Device checks, the process group under torchrun, numerics and seeding, before any data or model is
+    touched."""
     device = resolve_device(config.device)
-    check_amp(config.amp, device)
+    distributed.check_devices(config.trainer.devices, device)
+    rank, world_size, device = distributed.start_process_group(device)
+    configure_numerics(config.trainer, device)
     seed_everything(config.seed)
-    return device
+    return resolve_runtime(config.trainer, device, config.amp, rank, world_size)
+
+
+def stage_settings(config: Config, stage: str) -> Dict[str, Any]:
+    """The resolved values of exactly the settings `stage` reads, without the run-only ones."""
+    settings = config_to_dict(config)
+    selected: Dict[str, Any] = {}
+    for key in STAGE_SETTINGS[stage]:
+        value: Any = settings
+        for part in key.split("."):
+            value = value[part]
+        selected[key] = _without_run_only(value, key)
+    return selected
+
+
+def _without_run_only(value: Any, key: str) -> Any:
+    if not isinstance(value, dict):
+        return value
+    return {name: _without_run_only(item, f"{key}.{name}") for name, item in value.items()
+            if f"{key}.{name}" not in RUN_ONLY_SETTINGS}
+
+
+def resume_file(stage: str, config: Config, inputs: Iterable[Path] = ()) -> Optional[ResumeFile]:
+    """The stage's resume file, valid only for these settings, this data, this code and these input checkpoints;
+    None when `trainer.resume` is off."""
+    if not config.trainer.resume:
+        return None
+    parts = {"stage": stage, "settings": stage_settings(config, stage), "code": code_fingerprint(),
+             "data": files_fingerprint([Path(config.data.root)], content=False),
+             "inputs": files_fingerprint(inputs, content=True)}
+    return ResumeFile(RESUME_DIR / f"{stage}.pt", fingerprint(parts),
+                      announce=lambda line: console.print(f"[{stage}] {line}", markup=False, soft_wrap=True))
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

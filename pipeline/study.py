@@ -34,22 +34,21 @@ from torch import nn
 from pipeline import experiment
 from pipeline.checkpoint import Architecture, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict, project_root, read_settings
+from pipeline.fingerprint import code_fingerprint
 from pipeline.settings import settings_from_mapping
 from pipeline.data import build_loaders
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.files import atomic_write_text
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
-from pipeline.runtime import check_amp, resolve_device
+from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime
 from pipeline.study_report import write_study_outputs
 from pipeline.tracking import RunGroup, StageTracker, track_stage
 from pipeline.training.loop import EpochRecord, evaluate
 
-DENSE_SECTIONS = ("seed", "device", "amp", "data", "model", "pretrain")
+DENSE_SECTIONS = ("seed", "device", "amp", "trainer", "data", "model", "pretrain")
 PRUNED_SECTIONS = DENSE_SECTIONS + ("prune",)
 CELL_SECTIONS = PRUNED_SECTIONS + ("retrain", "trainability")
-CODE_FOLDER = Path(__file__).resolve().parent
-PRESENTATION_MODULES = ("tracking.py", "progress.py", "report.py", "study_report.py")
 RESULTS_FOLDER = "results"
 
 
@@ -178,21 +177,6 @@ def _cell(method: str, ratio: float, schedule: str, seed: int, raw: Dict[str, An
     return Cell(method, float(ratio), schedule, seed, config)
 
 
-def code_fingerprint() -> str:
-    """Hash of the library code that shapes results: a cached result is reused only by the code that made it.
-
-    Presentation-only modules (tracking, progress bars, reports) are left out, as in dvc.yaml, so editing a chart
-    never discards hours of computed cells.
-    """
-    digest = hashlib.sha256()
-    for path in sorted(CODE_FOLDER.rglob("*.py")):
-        if path.name in PRESENTATION_MODULES:
-            continue
-        digest.update(path.relative_to(CODE_FOLDER).as_posix().encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def settings_key(config: Config, sections: Sequence[str], code: str) -> str:
     """Short hash of the named sections of the settings and the code version."""
     settings = config_to_dict(config)
@@ -213,9 +197,9 @@ class _Built:
 class StudyRunner:
     """Computes cells through cached dense and pruned networks, keeping the last of each in memory."""
 
-    def __init__(self, cache: Path, device: torch.device, code: str) -> None:
+    def __init__(self, cache: Path, runtime: Runtime, code: str) -> None:
         self.cache = cache
-        self.device = device
+        self.runtime = runtime
         self.code = code
         self._memory: Dict[str, Tuple[str, _Built]] = {}
 
@@ -229,9 +213,9 @@ class StudyRunner:
         pruned = self._pruned(cell.config)
         config = cell.config
         train, test, _ = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
-                                       device=self.device)
+                                       device=self.runtime.device)
         model = copy.deepcopy(pruned.model)
-        history = experiment.retrain(config, model, train, test, self.device)
+        history = experiment.retrain(config, model, train, test, self.runtime)
         result = {**labels, **self._dense(config).metrics, **pruned.metrics,
                   "best_acc": max(record.test_acc for record in history), "final_acc": history[-1].test_acc,
                   "jsv_final": history[-1].extra.get("mean_jsv"), "history": [_epoch_row(r) for r in history]}
@@ -251,7 +235,7 @@ class StudyRunner:
         if kind in self._memory and self._memory[kind][0] == key:
             return self._memory[kind][1]
         path = self.cache / f"{kind}-{key}.pt"
-        built = _load_cached(path, self.device) if path.is_file() else None
+        built = _load_cached(path, self.runtime.device) if path.is_file() else None
         if built is None:
             built = build(config)
             save_checkpoint(path, built.model, built.architecture, pruned=built.pruned,
@@ -261,25 +245,25 @@ class StudyRunner:
 
     def _train_dense(self, config: Config) -> _Built:
         train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
-                                          device=self.device)
+                                          device=self.runtime.device)
         architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
-        model, history = experiment.pretrain(config, architecture, train, test, self.device)
-        probe = experiment.trainability_inputs(config, test, self.device)
+        model, history = experiment.pretrain(config, architecture, train, test, self.runtime)
+        probe = experiment.trainability_inputs(config, test, self.runtime.device)
         metrics = {"dense_acc": history[-1].test_acc, "jsv_dense": experiment.trainability(model, probe),
                    "params_dense": count_parameters(model),
-                   "macs_dense": count_macs(model, architecture.example_inputs(self.device))}
+                   "macs_dense": count_macs(model, architecture.example_inputs(self.runtime.device))}
         return _Built(model, architecture, metrics)
 
     def _prune(self, config: Config) -> _Built:
         dense = self._dense(config)
         train, test, _ = build_loaders(config.data, batch_size=config.prune.batch_size, seed=config.seed,
-                                       device=self.device)
+                                       device=self.runtime.device)
         model = copy.deepcopy(dense.model)
-        example = dense.architecture.example_inputs(self.device)
+        example = dense.architecture.example_inputs(self.runtime.device)
         selection = experiment.select(config, model, example)
-        outcome = experiment.prune(config, model, selection, example, train, test, self.device)
-        probe = experiment.trainability_inputs(config, test, self.device)
-        metrics = {"pruned_acc": evaluate(outcome.model, test, self.device, config.amp)[1],
+        outcome = experiment.prune(config, model, selection, example, train, test, self.runtime)
+        probe = experiment.trainability_inputs(config, test, self.runtime.device)
+        metrics = {"pruned_acc": evaluate(outcome.model, test, self.runtime.device, self.runtime.amp)[1],
                    "jsv_pruned": experiment.trainability(outcome.model, probe),
                    "params_pruned": count_parameters(outcome.model),
                    "macs_pruned": count_macs(outcome.model, example)}
@@ -316,12 +300,12 @@ def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Pa
     root = Path(root) if root is not None else project_root()
     spec = load_study(study_path)
     cells = plan(spec, study_path, root)
-    device = _study_device(cells, study_path)
+    runtime = _study_runtime(cells, study_path)
     output = Path(output) if output is not None else root / RESULTS_FOLDER / spec.name
-    runner = StudyRunner(output / "cache", device, code_fingerprint())
+    runner = StudyRunner(output / "cache", runtime, code_fingerprint())
     group = RunGroup(f"study:{spec.name}:{uuid.uuid4().hex}", f"study {spec.name}", f"tpp-study-{spec.name}")
     console.print(f"[study] {spec.name}: {len(spec.methods)} methods × {len(spec.ratios)} ratios × "
-                  f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells on {device}; "
+                  f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells on {runtime.device}; "
                   f"results in {output}", markup=False, soft_wrap=True)
     started = time.perf_counter()
     results = []
@@ -344,15 +328,21 @@ def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Pa
     return output
 
 
-def _study_device(cells: Sequence[Cell], study_path: Path) -> torch.device:
-    """The one device (and precision) all cells run on; cells cannot differ in it."""
-    devices = {(cell.config.device, cell.config.amp) for cell in cells}
-    if len(devices) > 1:
-        raise ConfigError(f"{study_path}: the cells ask for different devices or precisions {sorted(devices)}; "
-                          f"a study runs on one. Set 'device' and 'amp' in 'settings', not per method or schedule.")
-    device = resolve_device(cells[0].config.device)
-    check_amp(cells[0].config.amp, device)
-    return device
+def _study_runtime(cells: Sequence[Cell], study_path: Path) -> Runtime:
+    """The one device, precision and trainer setup all cells run on; cells cannot differ in it."""
+    setups = {(cell.config.device, cell.config.amp, repr(cell.config.trainer)) for cell in cells}
+    if len(setups) > 1:
+        raise ConfigError(f"{study_path}: the cells ask for different devices, precisions or trainer settings "
+                          f"{sorted(setups)}; a study runs on one. Set 'device', 'amp' and 'trainer' in 'settings', "
+                          f"not per method or schedule.")
+    config = cells[0].config
+    if config.trainer.devices > 1:
+        raise ConfigError(f"{study_path}: trainer.devices is {config.trainer.devices}, but a study runs its cells in "
+                          f"one process. Set trainer.devices: 1 in the study's settings (stages run under "
+                          f"torchrun; studies do not).")
+    device = resolve_device(config.device)
+    configure_numerics(config.trainer, device)
+    return resolve_runtime(config.trainer, device, config.amp)
 
 
 def _report_order(spec: StudySpec, results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

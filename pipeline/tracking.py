@@ -277,15 +277,17 @@ class StageTracker:
 
 @contextmanager
 def track_stage(stage: str, *, params: Mapping[str, Any] | None = None, close_pipeline: bool = False,
-                group: RunGroup | None = None) -> Iterator[StageTracker]:
+                group: RunGroup | None = None, enabled: bool = True) -> Iterator[StageTracker]:
     """Track one stage as a run nested in its group's run (the pipeline's by default); FAILED (and re-raised) if
     the body raises.
 
     `close_pipeline` marks the last stage: the parent run ends with this stage's status. A failed stage always
     ends the parent too (DVC stops the pipeline there), so a later execution never attaches to a dead parent.
+    With `enabled` false (DDP ranks other than 0) every call is a no-op.
     """
     tracker = StageTracker(stage, group)
-    tracker.start()
+    if enabled:
+        tracker.start()
     if params:
         tracker.log_params(params)
     try:

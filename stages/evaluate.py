@@ -13,7 +13,8 @@ from pipeline.training.loop import evaluate
 
 
 def main(config: Config) -> None:
-    device = prepare_run(config)
+    runtime = prepare_run(config)
+    device = runtime.device
     _, test, info = build_loaders(config.data, batch_size=config.evaluate.latency_batch_size, seed=config.seed,
                                   device=device)
     checkpoints = {path: load_checkpoint(path, device=device)
@@ -28,9 +29,9 @@ def main(config: Config) -> None:
         metrics = {
             "model": config.model.name, "dataset": config.data.name, "method": config.prune.method,
             "device": str(device), "latency_batch_size": config.evaluate.latency_batch_size,
-            "dense_acc": evaluate(dense, test, device, config.amp)[1],
-            "pruned_acc": evaluate(pruned, test, device, config.amp)[1],
-            "final_acc": evaluate(final, test, device, config.amp)[1],
+            "dense_acc": evaluate(dense, test, device, runtime.amp)[1],
+            "pruned_acc": evaluate(pruned, test, device, runtime.amp)[1],
+            "final_acc": evaluate(final, test, device, runtime.amp)[1],
             "best_retrain_acc": checkpoints[FINAL_CHECKPOINT].metrics["best_test_acc"],
             "params_dense": count_parameters(dense), "params_pruned": count_parameters(final),
             "macs_dense": count_macs(dense, example), "macs_pruned": count_macs(final, example),

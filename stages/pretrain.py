@@ -5,29 +5,34 @@ from pipeline.checkpoint import Architecture, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
-from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, run_stage, write_history, \
-    write_json
+from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, resume_file, run_stage, \
+    write_history, write_json
 from pipeline.tracking import track_stage
 
 
 def main(config: Config) -> None:
-    device = prepare_run(config)
+    runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
-                                      device=device)
+                                      device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
     architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
-    with track_stage("pretrain", params=config_to_dict(config)) as tracker:
+    resume = resume_file("pretrain", config)
+    with track_stage("pretrain", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
         model, history = experiment.pretrain(
-            config, architecture, train, test, device,
+            config, architecture, train, test, runtime, resume=resume,
             on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
+        if not runtime.is_main:
+            return
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history),
                    "params": count_parameters(model),
-                   "macs": count_macs(model, architecture.example_inputs(device))}
+                   "macs": count_macs(model, architecture.example_inputs(runtime.device))}
         digest = save_checkpoint(DENSE_CHECKPOINT, model, architecture, config=config_to_dict(config),
                                  metrics=metrics)
         write_json(METRICS_DIR / "pretrain.json", metrics)
         write_history(PLOTS_DIR / "pretrain.csv", history)
         tracker.log_metrics(metrics)
         tracker.set_tags({"checkpoint.dense.sha256": digest})
+    if resume is not None:
+        resume.remove()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pipeline.pruning.methods import REGULARIZED_METHODS
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, prepare_run, \
-    run_stage, write_history, write_json
+    resume_file, run_stage, write_history, write_json
 from pipeline.pruning.selection import pruning_summary
 from pipeline.pruning.regularizer import LambdaSchedule
 from pipeline.tracking import track_stage
@@ -17,20 +17,24 @@ from pipeline.training.loop import evaluate
 
 
 def main(config: Config) -> None:
-    device = prepare_run(config)
+    runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.prune.batch_size, seed=config.seed,
-                                      device=device)
-    dense = load_checkpoint(DENSE_CHECKPOINT, device=device)
+                                      device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
+    dense = load_checkpoint(DENSE_CHECKPOINT, device=runtime.device)
     check_matches_data(dense, DENSE_CHECKPOINT, info.num_classes, info.input_shape)
-    example = dense.architecture.example_inputs(device)
+    example = dense.architecture.example_inputs(runtime.device)
     selection = experiment.select(config, dense.model, example)
     summary = pruning_summary(dense.model, selection)
     dense_params, dense_macs = count_parameters(dense.model), count_macs(dense.model, example)
-    _announce(config, summary, len(train))
-    with track_stage("prune", params=config_to_dict(config)) as tracker:
-        outcome = experiment.prune(config, dense.model, selection, example, train, test, device,
+    if runtime.is_main:
+        _announce(config, summary, len(train))
+    resume = resume_file("prune", config, inputs=[DENSE_CHECKPOINT])
+    with track_stage("prune", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
+        outcome = experiment.prune(config, dense.model, selection, example, train, test, runtime, resume=resume,
                                    on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step))
-        _, accuracy = evaluate(outcome.model, test, device, config.amp)
+        if not runtime.is_main:
+            return
+        _, accuracy = evaluate(outcome.model, test, runtime.device, runtime.amp)
         params, macs = count_parameters(outcome.model), count_macs(outcome.model, example)
         metrics = {"acc_after_pruning": accuracy, "params": params, "macs": macs,
                    "params_ratio": params / dense_params, "speedup_macs": dense_macs / macs,
@@ -42,6 +46,8 @@ def main(config: Config) -> None:
         write_history(PLOTS_DIR / "prune.csv", outcome.history)
         tracker.log_metrics(metrics)
         tracker.set_tags({"checkpoint.pruned.sha256": digest, "prune.method": config.prune.method})
+    if resume is not None:
+        resume.remove()
 
 
 def _announce(config: Config, summary: dict, steps_per_epoch: int) -> None:

@@ -5,20 +5,23 @@ from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
-from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, prepare_run, run_stage, \
-    write_history, write_json
+from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, prepare_run, resume_file, \
+    run_stage, write_history, write_json
 from pipeline.tracking import track_stage
 
 
 def main(config: Config) -> None:
-    device = prepare_run(config)
+    runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
-                                      device=device)
-    pruned = load_checkpoint(PRUNED_CHECKPOINT, device=device)
+                                      device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
+    pruned = load_checkpoint(PRUNED_CHECKPOINT, device=runtime.device)
     check_matches_data(pruned, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
-    with track_stage("retrain", params=config_to_dict(config)) as tracker:
-        history = experiment.retrain(config, pruned.model, train, test, device,
+    resume = resume_file("retrain", config, inputs=[PRUNED_CHECKPOINT])
+    with track_stage("retrain", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
+        history = experiment.retrain(config, pruned.model, train, test, runtime, resume=resume,
                                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
+        if not runtime.is_main:
+            return
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
         digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
                                  config=config_to_dict(config), metrics=metrics)
@@ -26,6 +29,8 @@ def main(config: Config) -> None:
         write_history(PLOTS_DIR / "retrain.csv", history)
         tracker.log_metrics(metrics)
         tracker.set_tags({"checkpoint.final.sha256": digest})
+    if resume is not None:
+        resume.remove()
 
 
 if __name__ == "__main__":

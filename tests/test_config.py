@@ -74,7 +74,7 @@ def test_shipped_params_load_with_every_value_as_written(tmp_path: Path) -> None
     loaded = dict(leaves(config_to_dict(config)))
     assert {key: loaded.get(key, "<missing>") for key in shipped} == shipped
     assert config.prune.layers == ["*layer*.conv1"]
-    assert config.amp == "fp32" and config.data.image_size is None and config.model.options == {"shortcut": "A"}
+    assert config.amp == "auto" and config.data.image_size is None and config.model.options == {"shortcut": "A"}
 
 
 def test_layer_ratios_maps_the_layer_patterns_to_prune_ratio(tmp_path: Path) -> None:
@@ -141,7 +141,7 @@ def test_wrong_type_is_refused_naming_the_full_key(tmp_path: Path, key: str, val
     ({"prune.batch_size": 0}, "prune.batch_size", "must be greater than 0"),
     ({"prune.reg.delta": 0}, "prune.reg.delta", "must be greater than 0"),
     ({"device": "gpu"}, "device", "use auto, cpu, cuda, cuda:N or mps"),
-    ({"amp": "fp8"}, "amp", "is not one of fp32, bf16, fp16"),
+    ({"amp": "fp8"}, "amp", "is not one of auto, fp32, bf16, fp16"),
     ({"model.name": "resnet65"}, "model.name", "Did you mean 'resnet56'?"),
     ({"data.name": "cifar"}, "data.name", "Did you mean 'cifar10'?"),
     ({"prune.method": "tp"}, "prune.method", "Did you mean 'tpp'?"),
@@ -161,10 +161,10 @@ def test_out_of_range_value_is_refused_naming_the_key_and_the_rule(tmp_path: Pat
 def test_amp_values_survive_a_yaml_1_2_round_trip_as_dvc_exp_writes_it(tmp_path: Path) -> None:
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2 (unquoted), which YAML 1.1 readers must read back alike."""
     for mode in ("fp32", "bf16", "fp16"):
-        path = write_params_text(tmp_path, "amp: fp32", f"amp: {mode}")
+        path = write_params_text(tmp_path, "amp: auto", f"amp: {mode}")
         assert yaml.safe_load(path.read_text())["amp"] == mode
-    message = config_error(write_params_text(tmp_path, "amp: fp32", "amp: off"))
-    assert "'amp'" in message and "fp32, bf16, fp16" in message
+    message = config_error(write_params_text(tmp_path, "amp: auto", "amp: off"))
+    assert "'amp'" in message and "auto, fp32, bf16, fp16" in message
 
 
 # --- Hydra-style overrides ------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.runtime import Runtime
 from pipeline.measure.jacobian import JacobianProbe, first_inputs, input_jacobians, mean_jacobian_singular_value
 from pipeline.models import create_model
 from pipeline.pruning.orthogonal import orthogonalize_
@@ -99,7 +100,7 @@ def test_probe_adds_the_mean_jsv_of_every_epoch_to_the_history():
     model = linear_mlp()
     inputs = torch.randn(8, 1, 16, 16)
     batches = [(inputs, torch.arange(8) % 10)]
-    history = fit(model, batches, batches, sgd(model, 0.05, 0.9, 0.0), device=torch.device("cpu"), epochs=2,
+    history = fit(model, batches, batches, sgd(model, 0.05, 0.9, 0.0), runtime=Runtime(torch.device("cpu")), epochs=2,
                   hooks=JacobianProbe(inputs))
     assert [set(record.extra) for record in history] == [{"mean_jsv"}, {"mean_jsv"}]
     assert history[-1].extra["mean_jsv"] == pytest.approx(mean_jacobian_singular_value(model, inputs), rel=1e-5)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import pipeline.pruning.methods as methods
+from pipeline.runtime import Runtime
 from pipeline.config import PruneConfig, RegularizerConfig
 from pipeline.errors import ConfigError
 from pipeline.pruning.methods import PruneContext, PruneOutcome, available_methods, run_method
@@ -39,7 +40,7 @@ def context(dense: nn.Module, seed: int = 0) -> PruneContext:
     example = torch.randn(2, 1, 8, 8)
     settings = PruneConfig(reg=RegularizerConfig(delta=1.0, interval=1, stabilize_steps=2))
     return PruneContext(model, select_filters(model, RATIOS, example_inputs=example), example, batches(),
-                        batches(1, seed=1), CPU, settings, seed=seed)
+                        batches(1, seed=1), Runtime(CPU), settings, seed=seed)
 
 
 def filters(model: nn.Module) -> dict:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.runtime import Runtime
 from pipeline.config import RegularizerConfig
 from pipeline.errors import PruningError
 from pipeline.models import create_model
@@ -203,7 +204,7 @@ def test_regularized_training_drives_pruned_filters_to_zero_and_keeps_the_rest()
     config = RegularizerConfig(delta=0.25, interval=1, max_lambda=1.0, stabilize_steps=150, zero_out=False)
     regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 8, 8), config)
     optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=0.0)
-    history = fit(model, batches, batches[:1], optimizer, device=torch.device("cpu"),
+    history = fit(model, batches, batches[:1], optimizer, runtime=Runtime(torch.device("cpu")),
                   max_steps=regularizer.schedule.total_steps, hooks=regularizer)
     assert history[-1].step == regularizer.schedule.total_steps == 154
     conv = model.layer1[0].conv1

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from pipeline.config import DataConfig
@@ -64,12 +64,14 @@ class TensorBatches:
     """Mini-batches sliced from whole tensors kept in memory, optionally already on the accelerator.
 
     Small datasets need none of DataLoader's per-sample work: one index per batch is all. Shuffled batches follow
-    a fresh permutation every epoch, drawn from a generator seeded once, so the sequence of epoch orders is the
-    same in every process for the same seed.
+    a fresh permutation every epoch, drawn from `generator` (seeded once), so the sequence of epoch orders is the
+    same in every process for the same seed; a resumed run restores the generator's state and starts mid-epoch
+    with `iterate_from`. Under DDP (`world_size` > 1) every process draws the same permutation and keeps its
+    share (`rank`::`world_size`) of each global batch, so the processes together see exactly one global batch.
     """
 
     def __init__(self, inputs: Tensor, targets: Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, rank: int = 0, world_size: int = 1) -> None:
         if len(inputs) != len(targets):
             raise ValueError(f"inputs ({len(inputs)}) and targets ({len(targets)}) differ in length")
         if batch_size < 1:
@@ -78,15 +80,20 @@ class TensorBatches:
         self.targets = targets.to(device) if device is not None else targets
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self._generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return math.ceil(len(self.targets) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iterate_from(0)
+
+    def iterate_from(self, first_batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This epoch's batches from number `first_batch` on (the earlier ones are not produced at all)."""
         order = self._epoch_order()
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+        for start in range(first_batch * self.batch_size, len(order), self.batch_size):
+            index = order[start:start + self.batch_size][self.rank::self.world_size]
             yield self.inputs[index], self.targets[index]
 
     def _epoch_order(self) -> Tensor:
@@ -94,7 +101,7 @@ class TensorBatches:
         count = len(self.targets)
         if not self.shuffle:
             return torch.arange(count, device=self.targets.device)
-        return torch.randperm(count, generator=self._generator).to(self.targets.device)
+        return torch.randperm(count, generator=self.generator).to(self.targets.device)
 
 
 Batches = TensorBatches | DataLoader
@@ -108,6 +115,8 @@ class _Feed:
     batch_size: int
     seed: int
     device: torch.device
+    rank: int = 0
+    world_size: int = 1
 
 
 def available_datasets() -> list[str]:
@@ -115,13 +124,19 @@ def available_datasets() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def build_loaders(config: DataConfig, *, batch_size: int, seed: int, device: torch.device) -> Loaders:
-    """Train batches (shuffled, reproducible per seed), test batches (in order) and the dataset's description."""
+def build_loaders(config: DataConfig, *, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                  world_size: int = 1) -> Loaders:
+    """Train batches (shuffled, reproducible per seed), test batches (in order) and the dataset's description.
+
+    Under DDP (`world_size` > 1) each process gets its `rank`'s share of every global batch of `batch_size`;
+    every process evaluates on the whole test split.
+    """
     builder = _BUILDERS.get(config.name)
     if builder is None:
         raise ConfigError(f"params.yaml: 'data.name' '{config.name}' is unknown. "
                           f"Available: {', '.join(available_datasets())}. Fix it in params.yaml.")
-    return builder(config, _Feed(batch_size=batch_size, seed=seed, device=torch.device(device)))
+    return builder(config, _Feed(batch_size=batch_size, seed=seed, device=torch.device(device), rank=rank,
+                                 world_size=world_size))
 
 
 def materialize_digits(root: Path) -> Path:
@@ -166,7 +181,7 @@ def _build_digits(config: DataConfig, feed: _Feed) -> Loaders:
                        image_size=train_inputs.shape[-1], train_size=len(train_targets),
                        test_size=len(test_targets))
     train = TensorBatches(train_inputs, train_targets, feed.batch_size, shuffle=True, seed=feed.seed,
-                          device=feed.device)
+                          device=feed.device, rank=feed.rank, world_size=feed.world_size)
     test = TensorBatches(test_inputs, test_targets, config.eval_batch_size, shuffle=False, device=feed.device)
     return train, test, info
 
@@ -321,14 +336,21 @@ def _open(factory: Callable[[bool], Dataset], download: bool, source: _Source) -
 
 def _dataloaders(train_set: Dataset, test_set: Dataset, config: DataConfig,
                  feed: _Feed) -> tuple[DataLoader, DataLoader]:
-    """DataLoaders whose shuffling and worker randomness (augmentation) depend only on the seed."""
-    def loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+    """DataLoaders whose shuffling and worker randomness (augmentation) depend only on the seed; under DDP the
+    train split goes through a DistributedSampler (same seed on every process, one shard each)."""
+    def loader(dataset: Dataset, batch_size: int, shuffle: bool, sampler: Optional[Sampler] = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           generator=torch.Generator().manual_seed(feed.seed), worker_init_fn=_seed_worker,
                           num_workers=config.num_workers, pin_memory=feed.device.type == "cuda",
                           persistent_workers=config.num_workers > 0, drop_last=False)
 
-    return loader(train_set, feed.batch_size, True), loader(test_set, config.eval_batch_size, False)
+    if feed.world_size > 1:
+        sampler = DistributedSampler(train_set, num_replicas=feed.world_size, rank=feed.rank, shuffle=True,
+                                     seed=feed.seed)
+        train = loader(train_set, feed.batch_size // feed.world_size, True, sampler)
+    else:
+        train = loader(train_set, feed.batch_size, True)
+    return train, loader(test_set, config.eval_batch_size, False)
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -16,24 +16,27 @@ from pipeline.errors import ConfigError
 from pipeline.pruning.orthogonal import activation_gain, orthogonalize_
 from pipeline.pruning.surgery import prunable_layers, remove_filters
 from pipeline.pruning.regularizer import TPPRegularizer
+from pipeline.runtime import Runtime
 from pipeline.training.loop import Batches, EpochRecord, evaluate, fit, sgd
+from pipeline.training.state import ResumeFile
 
 
 @dataclass
 class PruneContext:
-    """What a pruning method may use: the dense model, the chosen filters, data, settings and the seed of
-    methods that draw at random (random filters, scratch init)."""
+    """What a pruning method may use: the dense model, the chosen filters, data, how to compute, settings, the
+    seed of methods that draw at random (random filters, scratch init) and where a training method keeps its
+    resume state."""
 
     model: nn.Module
     pruned: Mapping[str, torch.Tensor]
     example_inputs: torch.Tensor
     train_batches: Batches
     test_batches: Batches
-    device: torch.device
+    runtime: Runtime
     settings: PruneConfig
-    amp: str = "fp32"
     on_epoch: Optional[Callable[[EpochRecord], None]] = None
     seed: int = 0
+    resume: Optional[ResumeFile] = None
 
 
 @dataclass
@@ -77,10 +80,11 @@ def tpp(context: PruneContext) -> PruneOutcome:
     settings = context.settings
     regularizer = TPPRegularizer(context.model, context.pruned, context.example_inputs, settings.reg)
     optimizer = sgd(context.model, settings.lr, settings.momentum, settings.weight_decay)
-    history = fit(context.model, context.train_batches, context.test_batches, optimizer, device=context.device,
-                  max_steps=regularizer.schedule.total_steps, hooks=regularizer, amp=context.amp, stage="prune",
-                  on_epoch=context.on_epoch)
-    _, accuracy_before_removal = evaluate(context.model, context.test_batches, context.device, context.amp)
+    history = fit(context.model, context.train_batches, context.test_batches, optimizer, runtime=context.runtime,
+                  max_steps=regularizer.schedule.total_steps, hooks=regularizer, stage="prune",
+                  resume=context.resume, on_epoch=context.on_epoch)
+    _, accuracy_before_removal = evaluate(context.model, context.test_batches, context.runtime.device,
+                                          context.runtime.amp)
     model = remove_filters(context.model, context.pruned, context.example_inputs)
     return PruneOutcome(model, context.pruned, history, {"acc_before_removal": accuracy_before_removal,
                                          "final_lambda": regularizer.current_lambda})

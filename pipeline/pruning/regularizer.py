@@ -166,6 +166,10 @@ class TPPRegularizer(TrainingHooks):
     def state_dict(self) -> Dict[str, int]:
         return {"step": self.step}
 
+    def advice(self) -> str:
+        return (f", or make TPP's penalties grow more gently: prune.reg.alpha (now {self.config.alpha:g}) or "
+                f"prune.reg.delta (now {self.config.delta:g}, λ is {self.current_lambda:g} at this step)")
+
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.step = int(state["step"])
 

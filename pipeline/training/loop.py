@@ -1,9 +1,12 @@
 """The one training loop, shared by pretraining, TPP's regularized phase and retraining.
 
 Methods plug in through `TrainingHooks` (extra loss terms, gradient edits between backward and the optimizer
-step, a stopping rule) instead of owning loops of their own. The step does no host–device synchronisation:
-losses and correct counts accumulate on the device and are read once per epoch (and every
-`NAN_CHECK_INTERVAL` steps, to stop early on a diverged loss).
+step, a stopping rule, per-epoch measurements) instead of owning loops of their own. The `Trainer` adds what long
+runs need around the step: resume checkpoints (every `Runtime.checkpoint_every` steps and at every epoch end),
+DistributedDataParallel when several processes train, and a step function that may be compiled or captured
+(`pipeline.training.step`). The step does no host–device synchronisation: losses and correct counts accumulate on
+the device and are read at epoch ends, at resume checkpoints and every `NAN_CHECK_INTERVAL` steps, so a diverged
+loss stops the run before a bad state is saved.
 """
 
 from __future__ import annotations
@@ -11,17 +14,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.errors import TrainingError
 from pipeline.progress import StageProgress
-from pipeline.runtime import autocast
+from pipeline.runtime import Runtime, autocast
+from pipeline.training import distributed
+from pipeline.training.state import ResumeFile, capture_rng, restore_rng
 
 NAN_CHECK_INTERVAL = 200
 Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]
+StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CPU = torch.device("cpu")
 
 
 class TrainingHooks:
@@ -32,7 +40,7 @@ class TrainingHooks:
         return None
 
     def before_optimizer_step(self) -> None:
-        """Edit gradients after backward() (they are unscaled here under fp16)."""
+        """Edit gradients after backward() (all-reduced under DDP, unscaled under fp16)."""
 
     def after_optimizer_step(self) -> None:
         """Advance schedules once the parameters have moved."""
@@ -44,6 +52,17 @@ class TrainingHooks:
     def epoch_metrics(self, model: nn.Module) -> Dict[str, float]:
         """Extra measurements of the model at the end of each epoch (e.g. its trainability), logged with it."""
         return {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs to continue the hooks' schedules exactly."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def advice(self) -> str:
+        """Which settings to try when the loss diverges under these hooks (named in the error message)."""
+        return ""
 
 
 @dataclass(frozen=True)
@@ -95,60 +114,10 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: str 
     return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
 
 
-def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimizer: torch.optim.Optimizer, *,
-        device: torch.device, epochs: Optional[int] = None, max_steps: Optional[int] = None,
-        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, hooks: Optional[TrainingHooks] = None,
-        amp: str = "fp32", stage: str = "train",
-        on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> List[EpochRecord]:
-    """Train for `epochs` epochs or `max_steps` steps (the last epoch may be partial); evaluate after each epoch."""
-    if (epochs is None) == (max_steps is None):
-        raise ValueError("fit() takes exactly one of epochs and max_steps")
-    hooks = hooks or TrainingHooks()
-    steps_per_epoch = len(train_batches)
-    epochs = epochs if epochs is not None else math.ceil(max_steps / steps_per_epoch)
-    total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    history: List[EpochRecord] = []
-    step = 0
-    with StageProgress(stage, total=total_steps) as progress:
-        for epoch in range(1, epochs + 1):
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            model.train()
-            totals, count = torch.zeros(2, device=device), 0
-            for inputs, targets in train_batches:
-                if step >= total_steps or hooks.finished():
-                    break
-                totals += train_step(model, inputs, targets, optimizer, scaler, hooks, device, amp)
-                count += len(targets)
-                step += 1
-                progress.advance()
-                if step % NAN_CHECK_INTERVAL == 0:
-                    _check_finite(totals[0].item(), stage, epoch, lr)
-            loss_sum, correct = totals.tolist()
-            _check_finite(loss_sum, stage, epoch, lr)
-            if scheduler is not None:
-                scheduler.step()
-            test_loss, test_acc = evaluate(model, test_batches, device, amp)
-            extra = hooks.epoch_metrics(model)
-            record = EpochRecord(epoch, step, lr, loss_sum / max(count, 1), 100.0 * correct / max(count, 1),
-                                 test_loss, test_acc, time.perf_counter() - started, extra)
-            history.append(record)
-            measured = "".join(f" {key} {value:.4g}" for key, value in extra.items())
-            progress.log(f"[{stage}] epoch {epoch}/{epochs} step {step}/{total_steps} lr {lr:.3g} "
-                         f"loss {record.train_loss:.4f} train_acc {record.train_acc:.2f}% "
-                         f"test_acc {record.test_acc:.2f}%{measured} ({record.seconds:.1f}s)")
-            if on_epoch is not None:
-                on_epoch(record)
-            if step >= total_steps or hooks.finished():
-                break
-    return history
-
-
 def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler, hooks: TrainingHooks, device: torch.device,
-                amp: str) -> torch.Tensor:
-    """One SGD step; returns [loss·batch, correct] as a device tensor (no sync)."""
+               scaler: torch.amp.GradScaler, hooks: TrainingHooks, device: torch.device,
+               amp: str) -> torch.Tensor:
+    """One eager SGD step; returns [loss·batch, correct] as a device tensor (no sync)."""
     inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
     with autocast(device, amp):
         logits = model(inputs)
@@ -165,9 +134,218 @@ def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, op
     return torch.stack([loss.detach() * len(targets), (logits.argmax(dim=1) == targets).sum().float()])
 
 
-def _check_finite(loss_sum: float, stage: str, epoch: int, lr: float) -> None:
-    """Stop on a diverged loss with advice, before any checkpoint is written."""
-    if not math.isfinite(loss_sum):
-        raise TrainingError(f"The {stage} loss became {loss_sum} in epoch {epoch} (learning rate {lr:g}); "
-                            f"training diverged and nothing was written. Lower {stage}.lr in params.yaml "
-                            f"(or check the data for NaNs) and rerun.")
+@dataclass
+class _Position:
+    """Where the loop stands: the resumable part of its state that is not a module's."""
+
+    epoch: int = 1
+    batch: int = 0
+    step: int = 0
+    count: int = 0
+    history: List[EpochRecord] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs the loop for one phase: epochs of steps, evaluation after each epoch, resume checkpoints, DDP.
+
+    The model, optimizer, scheduler and hooks are the caller's; the trainer only drives them, so that TPP and the
+    baselines stay ordinary hook objects around one shared loop.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime, *,
+                 scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+                 hooks: Optional[TrainingHooks] = None, stage: str = "train",
+                 resume: Optional[ResumeFile] = None,
+                 on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.runtime = runtime
+        self.scheduler = scheduler
+        self.hooks = hooks or TrainingHooks()
+        self.stage = stage
+        self.resume = resume
+        self.on_epoch = on_epoch
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp == "fp16")
+        self.totals = torch.zeros(2, device=runtime.device)
+        self.position = _Position()
+        self._pending_rng: Optional[Mapping[str, Any]] = None
+
+    def _build_step(self) -> StepFunction:
+        """The step as configured (eager, compiled or a CUDA graph), through DDP when several processes train."""
+        from pipeline.training.step import build_step
+
+        if self.runtime.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        forward = distributed.wrap(self.model, self.runtime.device, self.runtime.world_size)
+        return build_step(forward, self.optimizer, self.scaler, self.hooks, self.runtime)
+
+    def fit(self, train_batches: Batches, test_batches: Batches, *, epochs: Optional[int] = None,
+            max_steps: Optional[int] = None) -> List[EpochRecord]:
+        """Train for `epochs` epochs or `max_steps` steps (the last epoch may be partial); evaluate after each
+        epoch. Continues from the resume file when one matches, and removes nothing: the caller removes the file
+        once its outputs are written."""
+        if (epochs is None) == (max_steps is None):
+            raise ValueError("fit() takes exactly one of epochs and max_steps")
+        steps_per_epoch = len(train_batches)
+        epochs = epochs if epochs is not None else math.ceil(max_steps / steps_per_epoch)
+        total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
+        order_state = self._restore()
+        step_function = self._build_step()
+        with StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
+            progress.advance(self.position.step)
+            while self.position.epoch <= epochs and not self._done(total_steps):
+                self._run_epoch(step_function, train_batches, test_batches, epochs, total_steps, progress,
+                                order_state)
+                order_state = None
+        return list(self.position.history)
+
+    def _done(self, total_steps: int) -> bool:
+        return self.position.step >= total_steps or self.hooks.finished()
+
+    def _run_epoch(self, step_function: StepFunction, train_batches: Batches, test_batches: Batches, epochs: int,
+                   total_steps: int, progress: StageProgress, order_state: Optional[torch.Tensor]) -> None:
+        """One epoch from the current position (mid-epoch after a resume), then its evaluation and record."""
+        started = time.perf_counter()
+        position = self.position
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.model.train()
+        epoch_order = _start_epoch(train_batches, position.epoch, order_state)
+        batches = _skip(train_batches, position.batch)
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+        for inputs, targets in batches:
+            if self._done(total_steps):
+                break
+            self.totals += step_function(inputs, targets)
+            position.count += len(targets)
+            position.step += 1
+            position.batch += 1
+            progress.advance()
+            if position.step % NAN_CHECK_INTERVAL == 0:
+                self._check_finite(lr)
+            if self.runtime.checkpoint_every and position.step % self.runtime.checkpoint_every == 0:
+                self._save(epoch_order, lr)
+        count_tensor = torch.tensor([position.count], dtype=self.totals.dtype, device=self.totals.device)
+        loss_sum, correct, count = distributed.all_sum(torch.cat([self.totals, count_tensor])).tolist()
+        self._check_finite(lr, loss_sum)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        test_loss, test_acc = evaluate(self.model, test_batches, self.runtime.device, self.runtime.amp)
+        extra = self.hooks.epoch_metrics(self.model)
+        count = max(count, 1)
+        record = EpochRecord(position.epoch, position.step, lr, loss_sum / count, 100.0 * correct / count,
+                             test_loss, test_acc, time.perf_counter() - started, extra)
+        position.history.append(record)
+        position.epoch, position.batch, position.count = position.epoch + 1, 0, 0
+        self.totals.zero_()
+        self._save(None, lr)
+        if self.runtime.is_main:
+            measured = "".join(f" {key} {value:.4g}" for key, value in extra.items())
+            progress.log(f"[{self.stage}] epoch {record.epoch}/{epochs} step {record.step}/{total_steps} lr {lr:.3g} "
+                         f"loss {record.train_loss:.4f} train_acc {record.train_acc:.2f}% "
+                         f"test_acc {record.test_acc:.2f}%{measured} ({record.seconds:.1f}s)")
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+
+    def _check_finite(self, lr: float, loss_sum: Optional[float] = None) -> None:
+        """Stop on a diverged loss with advice, before any checkpoint of the bad state is written."""
+        loss_sum = distributed.all_sum(self.totals[:1].clone()).item() if loss_sum is None else loss_sum
+        if math.isfinite(loss_sum):
+            return
+        advice = self.hooks.advice()
+        raise TrainingError(
+            f"The {self.stage} loss became {loss_sum} by step {self.position.step} (epoch {self.position.epoch}, "
+            f"learning rate {lr:g}): training diverged and the stage wrote no output. Lower {self.stage}.lr in "
+            f"params.yaml{advice} (or check the data for NaNs) and rerun; "
+            + ("the last good resume checkpoint is kept, so the rerun continues from it unless you change settings."
+               if self.resume is not None else "nothing was saved."))
+
+    def _save(self, epoch_order: Optional[torch.Tensor], lr: float) -> None:
+        """Write the resume file (main process only), after checking the loss is still finite."""
+        if self.resume is None or not self.runtime.is_main:
+            return
+        self._check_finite(lr)
+        position = self.position
+        self.resume.save({
+            "stage": self.stage, "epoch": position.epoch, "batch": position.batch, "step": position.step,
+            "count": position.count, "totals": self.totals.cpu(),
+            "history": [asdict(record) for record in position.history],
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "hooks": self.hooks.state_dict(),
+            "rng": capture_rng(), "order": epoch_order,
+        })
+
+    def _restore(self) -> Optional[torch.Tensor]:
+        """Load a matching resume file into the model, optimizer, scheduler, hooks and RNGs; return the saved
+        generator state of the interrupted epoch's order (None at an epoch boundary or without a file).
+
+        The RNGs are restored only once the interrupted epoch's first batches have been skipped, because a
+        DataLoader without workers draws their augmentation from the global RNG while producing them."""
+        state = self.resume.load() if self.resume is not None else None
+        if state is None:
+            return None
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.hooks.load_state_dict(state["hooks"])
+        self._pending_rng = state["rng"]
+        self.totals = state["totals"].to(self.runtime.device)
+        self.position = _Position(state["epoch"], state["batch"], state["step"], state["count"],
+                                  [EpochRecord(**record) for record in state["history"]])
+        if self.runtime.is_main:
+            self.resume.announce(f"resuming from {self.resume.path}: step {self.position.step}, epoch "
+                                 f"{self.position.epoch}, batch {self.position.batch}")
+        return state["order"]
+
+
+def _start_epoch(batches: Batches, epoch: int, order_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Fix this epoch's sample order and return the generator state that reproduces it.
+
+    Restoring `order_state` (from a resume file) makes the interrupted epoch draw the same order again. A
+    DistributedSampler's order depends only on its seed and the epoch, so it is told the epoch instead.
+    """
+    sampler = getattr(batches, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+        return None
+    generator = _order_generator(batches)
+    if generator is None:
+        return None
+    if order_state is not None:
+        generator.set_state(order_state)
+    return generator.get_state()
+
+
+def _order_generator(batches: Batches) -> Optional[torch.Generator]:
+    """The generator that draws an epoch's order: TensorBatches' own, or a DataLoader's."""
+    generator = getattr(batches, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else None
+
+
+def _skip(batches: Batches, count: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches after the first `count` (already trained before a resume).
+
+    TensorBatches skip without producing them; a DataLoader produces and drops them, which keeps the workers'
+    random augmentation in step with an uninterrupted run.
+    """
+    if count and hasattr(batches, "iterate_from"):
+        return iter(batches.iterate_from(count))
+    iterator = iter(batches)
+    for _ in range(count):
+        next(iterator)
+    return iterator
+
+
+def fit(model: nn.Module, train_batches: Batches, test_batches: Batches, optimizer: torch.optim.Optimizer, *,
+        runtime: Runtime = Runtime(CPU), epochs: Optional[int] = None, max_steps: Optional[int] = None,
+        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None, hooks: Optional[TrainingHooks] = None,
+        stage: str = "train", resume: Optional[ResumeFile] = None,
+        on_epoch: Optional[Callable[[EpochRecord], None]] = None) -> List[EpochRecord]:
+    """Train with a `Trainer` for `epochs` epochs or `max_steps` steps; the functional entry point."""
+    trainer = Trainer(model, optimizer, runtime, scheduler=scheduler, hooks=hooks, stage=stage, resume=resume,
+                      on_epoch=on_epoch)
+    return trainer.fit(train_batches, test_batches, epochs=epochs, max_steps=max_steps)
