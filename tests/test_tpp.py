@@ -238,3 +238,88 @@ def test_regularizer_state_round_trips_for_resume():
     restored = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig())
     restored.load_state_dict(regularizer.state_dict())
     assert restored.current_lambda == regularizer.current_lambda == pytest.approx(1e-4 * math.floor(1234 / 10))
+
+
+# --- the capture-friendly regularizer equals the per-layer formulas --------------------------------------------
+
+RESNET56_EXAMPLE = torch.zeros(1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def resnet56_tpp():
+    """ResNet56 with the paper's CIFAR pattern pruned at 0.9: 27 layers in 5 weight shapes."""
+    torch.manual_seed(0)
+    model = create_model("resnet56", 10)
+    pruned = select_filters(model, {"*layer*.conv1": 0.9}, example_inputs=RESNET56_EXAMPLE)
+    config = RegularizerConfig(alpha=1000.0, delta=0.1, interval=1, max_lambda=1.0, stabilize_steps=5)
+    regularizer = TPPRegularizer(model, pruned, RESNET56_EXAMPLE, config)
+    return model.train(), pruned, regularizer
+
+
+def test_batched_gram_terms_equal_the_per_layer_sum_on_resnet56(resnet56_tpp):
+    model, pruned, regularizer = resnet56_tpp
+    regularizer.step = 3
+    assert len(regularizer.groups) == 5 and sum(len(group.weights) for group in regularizer.groups) == 27
+    weights = [model.get_submodule(name).weight for name in pruned]
+    batched = regularizer.extra_loss()
+    batched_grads = torch.autograd.grad(batched, weights)
+    reference = regularizer.config.alpha * regularizer.current_lambda * sum(
+        decorrelation_loss(model.get_submodule(name).weight, indices) for name, indices in pruned.items())
+    reference_grads = torch.autograd.grad(reference, weights)
+    assert batched.item() == pytest.approx(reference.item(), rel=1e-6)
+    for got, want in zip(batched_grads, reference_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_foreach_injection_equals_per_layer_l2_and_bn_terms_on_resnet56(resnet56_tpp, channels_last):
+    model, pruned, regularizer = resnet56_tpp
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    regularizer.step = 4
+    lam = regularizer.current_lambda
+    generator = torch.Generator().manual_seed(1)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn(parameter.shape, generator=generator).to(memory_format=torch.preserve_format)
+    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    for name, indices in pruned.items():
+        block = name.rsplit(".", 1)[0]
+        for parameter_name in (f"{name}.weight", f"{block}.bn1.weight", f"{block}.bn1.bias"):
+            parameter = model.get_parameter(parameter_name)
+            expected[parameter_name][indices] += lam * parameter.detach()[indices]
+    regularizer.before_optimizer_step()
+    for name, parameter in model.named_parameters():
+        assert torch.allclose(parameter.grad, expected[name], atol=1e-6), name
+    model.to(memory_format=torch.contiguous_format)
+    model.zero_grad(set_to_none=True)
+
+
+def test_at_lambda_zero_the_terms_are_exact_zeros_not_skipped(resnet56_tpp):
+    """A captured step has the same operations at every step: λ = 0 contributes zeros instead of nothing."""
+    model, pruned, regularizer = resnet56_tpp
+    regularizer.step = 0
+    assert regularizer.current_lambda == 0
+    loss = regularizer.extra_loss()
+    assert loss is not None and loss.item() == 0
+    loss.backward()
+    before = {name: parameter.grad.clone() for name, parameter in model.named_parameters()
+              if parameter.grad is not None}
+    assert before and all(grad.abs().max() == 0 for grad in before.values())
+    regularizer.before_optimizer_step()
+    assert all(torch.equal(model.get_parameter(name).grad, grad) for name, grad in before.items())
+    model.zero_grad(set_to_none=True)
+
+
+def test_resume_restores_the_schedule_step_and_the_lambda_the_step_reads():
+    torch.manual_seed(0)
+    model = ShuffledRegistration()
+    config = RegularizerConfig(alpha=0.0, delta=0.25, interval=2, max_lambda=1.0, stabilize_steps=3)
+    first = TPPRegularizer(model, {"conv_a": torch.tensor([1])}, torch.zeros(1, 1, 6, 6), config)
+    for _ in range(5):
+        first.after_optimizer_step()
+    restored = TPPRegularizer(model, {"conv_a": torch.tensor([1])}, torch.zeros(1, 1, 6, 6), config)
+    restored.load_state_dict(first.state_dict())
+    assert restored.step == 5 and restored.current_lambda == 0.5 and not restored.finished()
+    model.conv_a.weight.grad = torch.zeros_like(model.conv_a.weight)
+    restored.before_optimizer_step()
+    assert torch.equal(model.conv_a.weight.grad[1], 0.5 * model.conv_a.weight.detach()[1])
+    assert model.conv_a.weight.grad[0].abs().max() == 0

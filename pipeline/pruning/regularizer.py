@@ -3,13 +3,18 @@
 Notation follows tpp-method.md: for a pruned layer with weight W (N filters as rows), G = W Wᵀ and kept-filter
 mask m, the decorrelation term is R = mean over all N² entries of ((1 − m_i m_j) G_ij)²; the growing L2 and the
 BatchNorm penalties are injected into gradients between `backward()` and `optimizer.step()`.
+
+The per-step work is shaped for the fast step modes (`pipeline.training.step`): λ lives in device tensors that the
+host refreshes in place when the schedule moves it (so a compiled step never recompiles and a CUDA graph replays
+the new value), the Gram terms of equally shaped layers are one batched matmul, and the gradient injection is two
+foreach ops over precomputed masks, whatever λ is (at λ = 0 they add exact zeros).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +40,18 @@ def masked_gram_penalty(weight: torch.Tensor, pair_mask: torch.Tensor) -> torch.
     with torch.autocast(device_type=weight.device.type, enabled=False):
         rows = weight.float().flatten(1)
         return ((rows @ rows.T) * pair_mask).pow(2).mean()
+
+
+def batched_gram_penalty(weights: Sequence[torch.Tensor], pair_masks: torch.Tensor) -> torch.Tensor:
+    """Σ_l mean((G_l ⊙ M_l)²) over equally shaped weights: one bmm instead of one small matmul per layer.
+
+    `pair_masks` stacks the layers' `kept_pair_mask`s ([L, N, N]); float32 even under autocast, like
+    `masked_gram_penalty`, whose per-layer values these are.
+    """
+    with torch.autocast(device_type=pair_masks.device.type, enabled=False):
+        rows = torch.stack([weight.float().flatten(1) for weight in weights])
+        gram = torch.bmm(rows, rows.transpose(1, 2))
+        return (gram * pair_masks).pow(2).mean(dim=(1, 2)).sum()
 
 
 def decorrelation_loss(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
@@ -70,10 +87,17 @@ class LambdaSchedule:
 
 @dataclass
 class _PenalizedTensor:
-    """A parameter and a broadcastable 0/1 mask of its entries that belong to pruned filters."""
+    """A parameter and a 0/1 mask of its shape (and memory layout) marking the entries of pruned filters."""
 
     parameter: nn.Parameter
     mask: torch.Tensor
+
+    def aligned_mask(self) -> torch.Tensor:
+        """The mask in the parameter's current layout (channels_last may be applied after construction), so that
+        the foreach injection keeps its fused multi-tensor path instead of falling back to one kernel per tensor."""
+        if self.mask.stride() != self.parameter.stride():
+            self.mask = torch.empty_like(self.parameter).copy_(self.mask)
+        return self.mask
 
 
 @dataclass
@@ -84,6 +108,14 @@ class _PrunedLayer:
     members: List[GroupMember]
 
 
+@dataclass
+class _GramGroup:
+    """Pruned layers whose weights share one shape, with their pair masks stacked for `batched_gram_penalty`."""
+
+    weights: List[nn.Parameter]
+    pair_masks: torch.Tensor
+
+
 class TPPRegularizer(TrainingHooks):
     """TPP as hooks around an ordinary training loop (in the spirit of Torch-Pruning's pruners).
 
@@ -92,6 +124,9 @@ class TPPRegularizer(TrainingHooks):
     γ/β entries (found through the dependency graph); `after_optimizer_step()` advances the schedule and, with
     `zero_out`, zeroes one more layer's pruned filters every `zero_out_interval` stabilize steps.
     Everything is precomputed as masks: no Python loop over filters and no host–device sync per step.
+
+    The host keeps the schedule's step (`step`, `current_lambda`, `finished()`, `stabilizing`); setting `step`
+    refreshes the device tensors λ_t and α·λ_t that the per-step computation reads.
     """
 
     def __init__(self, model: nn.Module, pruned: Mapping[str, torch.Tensor], example_inputs: torch.Tensor,
@@ -100,9 +135,14 @@ class TPPRegularizer(TrainingHooks):
         check_removable(graph, model, pruned)
         self.config = config
         self.schedule = LambdaSchedule.from_config(config)
-        self.step = 0
         self.layers = [self._prepare_layer(graph, model, name, indices) for name, indices in pruned.items()]
         self.penalized = [tensor for layer in self.layers for tensor in self._penalized_tensors(layer)]
+        self.groups = _gram_groups(self.layers)
+        device = self.layers[0].weight.device if self.layers else torch.device("cpu")
+        self._lambda = torch.zeros((), device=device)
+        self._strength = torch.zeros((), device=device)
+        self._device_step: Optional[int] = None
+        self.step = 0
 
     @staticmethod
     def _prepare_layer(graph, model: nn.Module, name: str, indices: torch.Tensor) -> _PrunedLayer:
@@ -118,8 +158,30 @@ class TPPRegularizer(TrainingHooks):
                 continue
             for parameter in (member.module.weight, member.module.bias):
                 if parameter is not None:
-                    tensors.append(_PenalizedTensor(parameter, _row_mask(parameter, member.indices)))
+                    tensors.append(_PenalizedTensor(parameter, _entry_mask(parameter, member.indices)))
         return tensors
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken under this schedule (host-side: reading it never waits for the device)."""
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = int(value)
+        self._refresh_device_lambda()
+
+    def _refresh_device_lambda(self) -> None:
+        """Write λ_t and α·λ_t into their device tensors in place, only when the schedule changed them.
+
+        `fill_` takes the value as a kernel argument: no host–device copy to wait for, and the tensors keep their
+        addresses, which a captured graph or a compiled step reads.
+        """
+        lam = self.current_lambda
+        if self._device_step is None or lam != self.schedule(self._device_step):
+            self._lambda.fill_(lam)
+            self._strength.fill_(self.config.alpha * lam)
+        self._device_step = self._step
 
     @property
     def current_lambda(self) -> float:
@@ -130,22 +192,28 @@ class TPPRegularizer(TrainingHooks):
         return self.step >= self.schedule.update_steps
 
     def extra_loss(self) -> Optional[torch.Tensor]:
-        """α·λ_t·Σ_l R_l; None while λ is 0 or the decorrelation term is switched off (nothing to compute)."""
-        strength = self.config.alpha * self.current_lambda
-        if strength == 0 or not self.config.decorrelation or not self.layers:
+        """α·λ_t·Σ_l R_l, one batched Gram per weight shape; None when α is 0 or the term is switched off.
+
+        While λ_t is still 0 this is an exact zero rather than None, so that the step has the same operations at
+        every step (a captured graph cannot skip them later).
+        """
+        if self.config.alpha == 0 or not self.config.decorrelation or not self.groups:
             return None
-        return strength * torch.stack([masked_gram_penalty(layer.weight, layer.pair_mask)
-                                       for layer in self.layers]).sum()
+        return self._strength * torch.stack([batched_gram_penalty(group.weights, group.pair_masks)
+                                             for group in self.groups]).sum()
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """grad += λ_t · w on pruned entries: a (λ_t/2)‖w‖² loss routed through momentum like the reference."""
-        lam = self.current_lambda
-        if lam == 0:
-            return
-        for tensor in self.penalized:
-            if tensor.parameter.grad is not None:
-                tensor.parameter.grad.add_(tensor.parameter * tensor.mask, alpha=lam)
+        parameters, grads, masks = self._injected()
+        if parameters:
+            torch._foreach_addcmul_(grads, parameters, torch._foreach_mul(masks, self._lambda))
+
+    def _injected(self) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """Penalized parameters that received a gradient this step, their gradients and their masks."""
+        present = [tensor for tensor in self.penalized if tensor.parameter.grad is not None]
+        return ([tensor.parameter for tensor in present], [tensor.parameter.grad for tensor in present],
+                [tensor.aligned_mask() for tensor in present])
 
     def after_optimizer_step(self) -> None:
         self.step += 1
@@ -174,9 +242,20 @@ class TPPRegularizer(TrainingHooks):
         self.step = int(state["step"])
 
 
-def _row_mask(parameter: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """0/1 mask over dim 0 shaped to broadcast against `parameter`."""
-    mask = torch.zeros(parameter.shape[0], dtype=parameter.dtype, device=parameter.device)
-    mask[indices.to(parameter.device)] = 1
-    return mask.view(-1, *([1] * (parameter.dim() - 1)))
+def _entry_mask(parameter: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """0/1 mask of `parameter`'s shape and layout, 1 on the rows (filters, channels) in `indices`.
 
+    Full-shaped rather than broadcast, because foreach ops fuse only tensors of equal shape.
+    """
+    mask = torch.zeros_like(parameter)
+    mask[indices.to(parameter.device)] = 1
+    return mask
+
+
+def _gram_groups(layers: Sequence[_PrunedLayer]) -> List[_GramGroup]:
+    """Layers grouped by weight shape (in order of first appearance), each group's pair masks stacked once."""
+    by_shape: Dict[Tuple[int, ...], List[_PrunedLayer]] = {}
+    for layer in layers:
+        by_shape.setdefault(tuple(layer.weight.shape), []).append(layer)
+    return [_GramGroup([layer.weight for layer in members], torch.stack([layer.pair_mask for layer in members]))
+            for members in by_shape.values()]
