@@ -3,7 +3,10 @@
 A checkpoint is a plain dict: format tag and version, the architecture (registry name, classes, options, input
 shape), the pruning spec (indices of removed filters, relative to the dense architecture), the state_dict, the
 resolved settings and metrics. A pruned checkpoint rebuilds its small network on its own: build the dense
-architecture, remove the recorded filters, load the weights. No `nn.Module` is ever pickled.
+architecture, remove the recorded filters, load the weights. No `nn.Module` is ever pickled. Tensors are always
+read onto the CPU first (`map_location="cpu"`), so checkpoints written on a GPU machine load on a laptop.
+
+`dense_model` is the pipeline's starting point: random, torchvision's published weights or a user's file.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from pipeline.config import ModelConfig
 from pipeline.errors import CheckpointError
 from pipeline.models import create_model
+from pipeline.models.torchvision_models import pretrained_state_dict
 from pipeline.pruning.surgery import remove_filters
 
 CHECKPOINT_FORMAT = "tpp-pipeline/checkpoint"
@@ -104,6 +109,72 @@ def load_checkpoint(path: Path, *, device: torch.device = torch.device("cpu"),
                               f"spec of {len(pruned or {})} layers): {str(error).splitlines()[0]}. The file was "
                               f"edited or written by another version; regenerate it with `dvc repro`.") from None
     return Checkpoint(model.to(device), architecture, pruned, payload["config"], payload["metrics"])
+
+
+def dense_model(model: ModelConfig, architecture: Architecture) -> nn.Module:
+    """The dense network the pipeline starts from: random (seeded by the caller), torchvision's published weights
+    (`model.pretrained`), or a weights file (`model.checkpoint`: a dense checkpoint of this pipeline or a plain
+    state_dict such as torchvision's .pth). A head of another class count is kept fresh (fine-tuning to new
+    classes); any other difference is a CheckpointError."""
+    network = architecture.build()
+    if model.pretrained:
+        load_dense_weights(network, pretrained_state_dict(architecture.name), f"the published '{architecture.name}'")
+    elif model.checkpoint:
+        load_dense_weights(network, _dense_weights_file(Path(model.checkpoint), architecture), model.checkpoint)
+    return network
+
+
+def load_dense_weights(network: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy `state_dict` into `network`, every tensor by name and shape, except a classifier head of another class
+    count, which stays freshly initialised."""
+    own = network.state_dict()
+    head = _head_prefix(network)
+    missing = [key for key in own if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in own]
+    wrong_shape = [key for key in own if key in state_dict and tuple(state_dict[key].shape) != tuple(own[key].shape)]
+    head_only = all(head is not None and key.startswith(head) for key in wrong_shape)
+    if missing or unexpected or not head_only:
+        problems = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                    f"other shapes at {wrong_shape[:3]}" if not head_only else ""]
+        raise CheckpointError(f"The weights of {source} do not fit the '{type(network).__name__}' built from "
+                              f"model.name and model.options ({'; '.join(p for p in problems if p)}). They belong "
+                              f"to another architecture or options: set model.name/model.options to the ones they "
+                              f"were trained with, or point model.checkpoint at matching weights.")
+    network.load_state_dict({key: value for key, value in state_dict.items() if key not in wrong_shape},
+                            strict=not wrong_shape)
+
+
+def _head_prefix(network: nn.Module) -> Optional[str]:
+    """State-dict prefix of the last Linear layer: the classifier, the only part a new class count changes."""
+    linears = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
+    return f"{linears[-1]}." if linears else None
+
+
+def _dense_weights_file(path: Path, architecture: Architecture) -> Mapping[str, torch.Tensor]:
+    """The tensors of a user's weights file: our dense checkpoint (its architecture must be this one) or a plain
+    state_dict."""
+    if not path.is_file():
+        raise CheckpointError(f"model.checkpoint is '{path}', which does not exist. Give the path (relative to the "
+                              f"repository root) of a dense checkpoint of this pipeline or a plain state_dict .pth.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"model.checkpoint '{path}' is not a readable PyTorch weights file "
+                              f"({type(error).__name__}). Give a dense checkpoint of this pipeline or a state_dict "
+                              f"saved with torch.save(model.state_dict(), path).") from None
+    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
+        recorded = Architecture.from_dict(payload["architecture"])
+        if payload["pruned"] or recorded.name != architecture.name or recorded.options != architecture.options:
+            raise CheckpointError(f"model.checkpoint '{path}' holds a {'pruned ' if payload['pruned'] else ''}"
+                                  f"'{recorded.name}' with options {recorded.options}, but the pipeline builds a "
+                                  f"dense '{architecture.name}' with {architecture.options}. Start from a dense "
+                                  f"checkpoint (models/dense.pt of a run) of the same model.name and options.")
+        return payload["state_dict"]
+    if not isinstance(payload, dict) or not all(isinstance(value, torch.Tensor) for value in payload.values()):
+        raise CheckpointError(f"model.checkpoint '{path}' is neither a checkpoint of this pipeline nor a plain "
+                              f"state_dict (a dict of tensors). Save weights with torch.save(model.state_dict(), "
+                              f"path).")
+    return payload
 
 
 def check_matches_data(checkpoint: Checkpoint, path: Path, num_classes: int, input_shape: Tuple[int, ...]) -> None:

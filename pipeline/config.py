@@ -47,10 +47,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The architecture, by registry name, and its constructor options."""
+    """The architecture, by registry name, and its constructor options; the starting point of the dense network:
+    random (default), torchvision's published weights (`pretrained`) or a file of weights (`checkpoint`)."""
 
     name: str = "resnet20"
     options: Dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -90,6 +93,7 @@ class PruneConfig:
     ratio: float = 0.9
     ratios: Dict[str, float] = field(default_factory=dict)
     skip: List[str] = field(default_factory=list)
+    round_to: int = 1
     batch_size: int = 128
     lr: float = 1e-3
     momentum: float = 0.9
@@ -285,6 +289,13 @@ def validate(config: Config) -> None:
     _validate_prune(config.prune)
     _validate_trainer(config.trainer)
     require(config.trainability.jsv_samples >= 0, "trainability.jsv_samples", "must be 0 (off) or more")
+    require(not (config.model.pretrained and config.model.checkpoint), "model.checkpoint",
+            "is set while model.pretrained is true: the dense network starts from one set of weights. Keep "
+            "model.pretrained: true (torchvision's published weights) or model.checkpoint: <path> (your own), "
+            "not both")
+    require(config.model.checkpoint != "", "model.checkpoint", "is an empty string; write null for no file")
+    require("pretrained" not in config.model.options, "model.options.pretrained",
+            "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
 
@@ -316,6 +327,7 @@ def _validate_prune(prune: PruneConfig) -> None:
     require(len(prune.layers) + len(prune.ratios) > 0, "prune.layers",
              "is empty and prune.ratios too: name at least one layer pattern such as '*layer*.conv1'")
     _ratio("prune.ratio", prune.ratio)
+    _positive("prune.round_to", prune.round_to)
     for pattern, ratio in prune.ratios.items():
         _ratio(f"prune.ratios['{pattern}']", ratio)
     _positive("prune.batch_size", prune.batch_size)
