@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -28,6 +28,7 @@ from pipeline.errors import ConfigError
 AMP_MODES = ("auto", "fp32", "bf16", "fp16")
 STEP_MODES = ("eager", "compile", "graph")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+DATA_LOADERS = ("auto", "workers", "device")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -38,7 +39,8 @@ class DataConfig:
     name: str = "digits"
     root: str = "data"
     eval_batch_size: int = 256
-    num_workers: int = 0
+    num_workers: Union[int, str] = 0
+    loader: str = "auto"
     image_size: Optional[int] = None
     channels: Optional[int] = None
     augment: bool = True
@@ -280,7 +282,7 @@ def validate(config: Config) -> None:
              f"'{config.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
     require(config.amp in AMP_MODES, "amp", f"'{config.amp}' is not one of {', '.join(AMP_MODES)}")
     _positive("data.eval_batch_size", config.data.eval_batch_size)
-    require(config.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
+    _validate_data(config.data)
     for key in ("image_size", "channels"):
         value = getattr(config.data, key)
         require(value is None or value >= 1, f"data.{key}", "must be null (native) or a positive integer")
@@ -298,6 +300,19 @@ def validate(config: Config) -> None:
             "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
+
+
+def _validate_data(data: DataConfig) -> None:
+    workers = data.num_workers
+    require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+            "data.num_workers", f"{workers!r} is neither 'auto' (the machine's cores, at most 8) nor a count of 0 "
+            f"or more (0 loads in the training process)")
+    require(data.loader in DATA_LOADERS, "data.loader",
+            f"'{data.loader}' is not one of {', '.join(DATA_LOADERS)} (auto: the dataset in GPU memory on CUDA for "
+            f"mnist/cifar, worker processes otherwise)")
+    require(not (data.loader == "device" and data.name == "imagefolder"), "data.loader",
+            "is 'device' but data.name is 'imagefolder': an image-folder dataset is decoded from files and does "
+            "not fit in device memory; use `data.loader: workers` (or auto)")
 
 
 def _validate_training(section: str, train: TrainConfig) -> None:

@@ -323,3 +323,43 @@ def test_resume_restores_the_schedule_step_and_the_lambda_the_step_reads():
     restored.before_optimizer_step()
     assert torch.equal(model.conv_a.weight.grad[1], 0.5 * model.conv_a.weight.detach()[1])
     assert model.conv_a.weight.grad[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("ratio, filters, round_to, expected_kept", [
+    (0.9, 64, 1, 6), (0.9, 64, 8, 8), (0.9, 16, 8, 8), (0.5, 64, 8, 32), (0.6, 64, 8, 32), (0.99, 16, 32, 16),
+    (0.995, 200, 8, 8), (0.3, 10, 4, 8)])
+def test_round_to_rounds_the_kept_count_up_to_a_multiple_never_above_n(ratio, filters, round_to, expected_kept):
+    kept = filters - pruned_count(ratio, filters, round_to)
+    assert kept == expected_kept
+    assert 1 <= kept <= filters and kept >= filters - pruned_count(ratio, filters)
+
+
+def test_every_method_gets_the_same_aligned_selection_and_the_real_ratio_is_reported():
+    from pipeline.pruning.selection import pruning_summary
+    model = create_model("resnet56", 10, in_channels=1, image_size=8)
+    example = torch.zeros(1, 1, 8, 8)
+    exact = select_filters(model, {"*layer*.conv1": 0.9}, example_inputs=example)
+    aligned = select_filters(model, {"*layer*.conv1": 0.9}, example_inputs=example, round_to=8)
+    summary = pruning_summary(model, aligned)
+    assert {row["kept"] for row in summary.values()} == {8}
+    assert summary["layer3.0.conv1"] == {"filters": 64, "pruned": 56, "kept": 8, "ratio": 56 / 64}
+    assert summary["layer1.0.conv1"]["ratio"] == 0.5
+    for name, indices in aligned.items():
+        assert set(indices.tolist()) <= set(exact[name].tolist())
+    with pytest.raises(PruningError, match="round_to"):
+        select_filters(model, {"*layer*.conv1": 0.9}, round_to=0)
+
+
+def test_a_layer_type_the_graph_cannot_shrink_is_refused_naming_it():
+    class Mixer(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.eye(channels))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bchw,cd->bdhw", x, self.weight)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), Mixer(8), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2))
+    with pytest.raises(PruningError, match=r"Layer '0' cannot be pruned.*'1.weight'.*Mixer"):
+        select_filters(model, {"0": 0.5}, example_inputs=torch.zeros(1, 3, 8, 8))
