@@ -5,16 +5,21 @@ execution creates it (RUNNING, tagged with the execution's key) and later stages
 TPP_PIPELINE_RUN, else DVC_EXP_NAME (set by `dvc exp run`), else host and process group (all stages of one
 `dvc repro` share the process group of the dvc command). The last stage closes the parent.
 
-Tracking is a convenience next to DVC's own metrics, so it must never break a stage: the first failure to reach
-or write the store warns once and turns tracking off for the rest of the stage.
+Tracking is a convenience next to DVC's own metrics, so it must never break or hold up a stage: the first failure
+to reach or write the store warns once and turns tracking off for the rest of the stage. MLflow calls run in order
+on one background thread, so logging never waits for the store; the stage waits only to open its run and, at its
+end, for what is still queued, and with a server (which may hang, answer slowly or not at all) each of those waits
+is bounded: at most OPEN_TIMEOUT_S + DRAIN_TIMEOUT_S added to a stage, whatever the server does.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import re
 import socket
 import sqlite3
+import threading
 import time
 import warnings
 from contextlib import closing, contextmanager
@@ -35,6 +40,13 @@ DEFAULT_EXPERIMENT = "tpp-pipeline"
 PIPELINE_KEY_TAG = "tpp.pipeline_key"
 STAGE_TAG = "tpp.stage"
 SERVER_PROBE_TIMEOUT_S = 5.0
+# Longest waits for a tracking server: opening the stage's run, then sending what is queued when the stage ends.
+OPEN_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 15.0
+# MLflow's own HTTP defaults (120 s read timeout, 7 retries with exponential backoff) keep a background call busy
+# for many minutes; these apply unless the user set the variables.
+HTTP_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+                         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 REMOTE_SCHEMES = ("http", "https", "databricks")
 DVC_EXPERIMENTS_FOLDER = ".dvc/tmp/exps"
 INVALID_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
@@ -62,7 +74,7 @@ def tracking_uri(root: Path) -> str:
 
 def artifact_location(uri: str, root: Path) -> str | None:
     """Where a new experiment keeps artifacts: `<root>/mlartifacts`, unless a server manages its own."""
-    if urlsplit(uri).scheme in REMOTE_SCHEMES:
+    if _is_remote(uri):
         return None
     return (root / "mlartifacts").as_uri()
 
@@ -117,6 +129,16 @@ def _chunks(entities: Sequence[Entity], size: int) -> Iterator[Sequence[Entity]]
     """Slices within MLflow's per-request batch limits."""
     for start in range(0, len(entities), size):
         yield entities[start:start + size]
+
+
+def _is_remote(uri: str) -> bool:
+    return urlsplit(uri).scheme in REMOTE_SCHEMES
+
+
+def _bound_http_requests() -> None:
+    """Short MLflow HTTP timeouts and few retries, unless the user chose their own."""
+    for name, value in HTTP_REQUEST_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def _check_server_reachable(uri: str) -> None:
@@ -200,8 +222,34 @@ def _send_artifact(client: MlflowClient, run_id: str, path: Path) -> None:
         client.log_artifact(run_id, str(path))
 
 
+class _Sender:
+    """A daemon thread that makes MLflow calls one at a time, in order. A call stuck on a server that never answers
+    only holds this thread, which the stage stops waiting for (and which ends with the process)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._calls.put(call)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether every call submitted so far finished within `timeout` seconds (None: however long it takes)."""
+        done = threading.Event()
+        self._calls.put(done.set)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Let the thread end once it is through the calls already submitted."""
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
+
+
 class StageTracker:
-    """Logs one stage run to MLflow; never lets a tracking failure fail the stage.
+    """Logs one stage run to MLflow; never lets a tracking failure fail the stage, nor a slow store hold it up.
 
     `run_id` and `parent_run_id` name the stage's run and its pipeline's run; `run_id` is None once tracking is off.
     """
@@ -214,21 +262,37 @@ class StageTracker:
         self.run_id: str | None = None
         self.parent_run_id: str | None = None
         self._client: MlflowClient | None = None
+        self._sender: _Sender | None = None
+        self._failure: tuple[str, Exception] | None = None
+        remote = _is_remote(self.uri)
+        self._open_timeout = OPEN_TIMEOUT_S if remote else None
+        self._drain_timeout = DRAIN_TIMEOUT_S if remote else None
 
     def start(self) -> None:
         """Open this stage's run under the pipeline's parent run, creating either as needed."""
-        try:
-            _check_server_reachable(self.uri)
-            _check_sqlite_openable(self.uri)
-            client = MlflowClient(tracking_uri=self.uri)
-            experiment_id = _experiment_id(client, self.group.experiment, artifact_location(self.uri, self.root))
-            parent_run_id = _parent_run_id(client, experiment_id, self.group)
-            run = client.create_run(experiment_id, run_name=self.stage,
-                                    tags={MLFLOW_PARENT_RUN_ID: parent_run_id, STAGE_TAG: self.stage})
-        except Exception as error:
-            self._turn_off("open the stage's run", error)
+        if _is_remote(self.uri):
+            _bound_http_requests()
+        opened: dict[str, Any] = {}
+        self._sender = _Sender(f"mlflow-{self.stage}")
+        self._sender.submit(self._guarded("open the stage's run", lambda: opened.update(self._open())))
+        if not self._sender.wait(self._open_timeout):
+            self._turn_off("open the stage's run", TimeoutError(f"no answer within {self._open_timeout:g} s"))
             return
-        self._client, self.parent_run_id, self.run_id = client, parent_run_id, run.info.run_id
+        if self._failure is not None:
+            self._turn_off(*self._failure)
+            return
+        self._client, self.parent_run_id, self.run_id = opened["client"], opened["parent_run_id"], opened["run_id"]
+
+    def _open(self) -> dict[str, Any]:
+        """The MLflow calls that open the stage's run (on the sender thread)."""
+        _check_server_reachable(self.uri)
+        _check_sqlite_openable(self.uri)
+        client = MlflowClient(tracking_uri=self.uri)
+        experiment_id = _experiment_id(client, self.group.experiment, artifact_location(self.uri, self.root))
+        parent_run_id = _parent_run_id(client, experiment_id, self.group)
+        run = client.create_run(experiment_id, run_name=self.stage,
+                                tags={MLFLOW_PARENT_RUN_ID: parent_run_id, STAGE_TAG: self.stage})
+        return {"client": client, "parent_run_id": parent_run_id, "run_id": run.info.run_id}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log settings; nested mappings become dotted keys. MLflow params cannot change once logged."""
@@ -247,20 +311,42 @@ class StageTracker:
         self._attempt(f"log {path}", lambda client, run_id: _send_artifact(client, run_id, Path(path)))
 
     def finish(self, status: str, close_pipeline: bool) -> None:
-        """End the stage run with `status` (a RunStatus name), and the parent run too for the last stage."""
+        """End the stage run with `status` (a RunStatus name), and the parent run too for the last stage; then wait
+        (bounded, for a server) until everything queued was sent."""
         parent_run_id = self.parent_run_id
         self._attempt("end the stage's run", lambda client, run_id: client.set_terminated(run_id, status))
         if close_pipeline and parent_run_id is not None:
             self._attempt("end the pipeline's run", lambda client, _: client.set_terminated(parent_run_id, status))
+        if self._sender is None:
+            return
+        if self.run_id is not None and not self._sender.wait(self._drain_timeout):
+            self._turn_off("send the stage's last records", TimeoutError(
+                f"they were still not sent {self._drain_timeout:g} s after the stage ended"))
+        elif self.run_id is not None and self._failure is not None:
+            self._turn_off(*self._failure)
+        self._sender.close()
 
     def _attempt(self, action: str, call: Callable[[MlflowClient, str], object]) -> None:
-        """Run one MLflow call if tracking is still on; a failure turns it off instead of failing the stage."""
-        if self._client is None or self.run_id is None:
+        """Queue one MLflow call if tracking is still on; a failure (reported at the next call or at the end) turns
+        it off instead of failing the stage."""
+        if self._client is None or self.run_id is None or self._sender is None:
             return
-        try:
-            call(self._client, self.run_id)
-        except Exception as error:
-            self._turn_off(action, error)
+        if self._failure is not None:
+            self._turn_off(*self._failure)
+            return
+        client, run_id = self._client, self.run_id
+        self._sender.submit(self._guarded(action, lambda: call(client, run_id)))
+
+    def _guarded(self, action: str, call: Callable[[], object]) -> Callable[[], None]:
+        """`call` as the sender runs it: skipped after a failure, and its own failure recorded, never raised."""
+        def guarded() -> None:
+            if self._failure is not None:
+                return
+            try:
+                call()
+            except Exception as error:
+                self._failure = (action, error)
+        return guarded
 
     def _turn_off(self, action: str, error: Exception) -> None:
         """Warn once, then make every later call a no-op so one broken store costs one message."""

@@ -7,7 +7,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import warnings
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,8 +19,8 @@ import requests
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from pipeline.tracking import (PIPELINE_KEY_TAG, STAGE_TAG, TrackingWarning, pipeline_key, track_stage,
-                               tracking_root, tracking_uri)
+from pipeline.tracking import (DRAIN_TIMEOUT_S, OPEN_TIMEOUT_S, PIPELINE_KEY_TAG, STAGE_TAG, TrackingWarning,
+                               pipeline_key, track_stage, tracking_root, tracking_uri)
 
 SERVER_START_TIMEOUT_S = 60.0
 PARAMS = {"seed": 0, "prune": {"ratio": 0.9, "reg": {"alpha": 1000.0}, "ratios": {"*layer*.conv1": 0.5}},
@@ -178,9 +181,11 @@ def test_exception_in_stage_fails_its_run_and_the_pipeline_and_propagates(repo: 
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "FAILED"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real `mlflow server` on a free local port, always stopped (with its workers) afterwards."""
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on a free local port, shared by this module's tests, always stopped (with its
+    workers) afterwards."""
+    tmp_path = tmp_path_factory.mktemp("server")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -242,3 +247,130 @@ def test_stage_tracks_to_a_real_server(repo: Path, mlflow_server: str, monkeypat
     parent_id = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}["mlflow.parentRunId"]
     parent = requests.get(f"{api}/runs/get", params={"run_id": parent_id}, timeout=10).json()["run"]
     assert parent["info"]["status"] == "FINISHED"
+
+
+def _log_like_a_stage(epochs: int = 3) -> tuple[float, int]:
+    """What a stage sends (params, per-epoch metrics, tags, an artifact, the end of its and the pipeline's runs),
+    around no work of its own: returns the seconds tracking added and the epochs the stage got through."""
+    artifact = Path(os.environ["DVC_ROOT"]) / "report.md"
+    artifact.write_text("# report")
+    done = 0
+    started = time.perf_counter()
+    with track_stage("evaluate", params=PARAMS, close_pipeline=True) as tracker:
+        for epoch in range(1, epochs + 1):
+            tracker.log_metrics({"test_acc": epoch / 10}, step=epoch)
+            done = epoch
+        tracker.set_tags({"device": "cpu"})
+        tracker.log_artifact(artifact)
+    return time.perf_counter() - started, done
+
+
+@contextmanager
+def tcp_server(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A local TCP server whose every connection is handled by `handle` on its own thread; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    connections: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(connection)
+            threading.Thread(target=handle, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        for connection in connections:
+            connection.close()
+
+
+def _never_answer(connection: socket.socket) -> None:
+    """Accept the request and say nothing, ever (the 1,237 s case)."""
+
+
+def _trickle(connection: socket.socket) -> None:
+    """Read the request, then send a response one byte every half second, never finishing it: no read timeout
+    ever fires."""
+    with closing(connection):
+        try:
+            connection.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" * 1000:
+                connection.sendall(bytes([byte]))
+                time.sleep(0.5)
+        except OSError:
+            return
+
+
+@pytest.mark.parametrize("handle", [_never_answer, _trickle], ids=["accepts-never-answers", "answers-a-byte-at-a-time"])
+def test_hanging_server_adds_bounded_time_and_one_warning(repo: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          handle: Callable[[socket.socket], None]) -> None:
+    with tcp_server(handle) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with pytest.warns(TrackingWarning) as caught:
+            added, epochs = _log_like_a_stage()
+
+    assert epochs == 3
+    [warning] = [w for w in caught if w.category is TrackingWarning]
+    assert "could not open the stage's run" in str(warning.message)
+    assert OPEN_TIMEOUT_S <= added < OPEN_TIMEOUT_S + 5
+
+
+def _delaying_proxy(upstream: str, delay_s: float) -> Callable[[socket.socket], None]:
+    """A connection handler that forwards to `upstream`, holding every request `delay_s` seconds: a server that
+    works but answers slowly."""
+    host, port = upstream.removeprefix("http://").split(":")
+
+    def handle(client: socket.socket) -> None:
+        try:
+            server = socket.create_connection((host, int(port)))
+        except OSError:
+            client.close()
+            return
+        with closing(client), closing(server):
+            def answers() -> None:
+                try:
+                    while data := server.recv(65536):
+                        client.sendall(data)
+                except OSError:
+                    return
+            threading.Thread(target=answers, daemon=True).start()
+            try:
+                while data := client.recv(65536):
+                    time.sleep(delay_s)
+                    server.sendall(data)
+            except OSError:
+                return
+    return handle
+
+
+def test_slow_server_adds_bounded_time_and_at_most_one_warning(repo: Path, mlflow_server: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    with tcp_server(_delaying_proxy(mlflow_server, delay_s=0.5)) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        with warnings_recorded() as caught:
+            added, epochs = _log_like_a_stage()
+
+    assert epochs == 3
+    assert added < OPEN_TIMEOUT_S + DRAIN_TIMEOUT_S + 1
+    tracking_warnings = [w for w in caught if w.category is TrackingWarning]
+    assert len(tracking_warnings) <= 1
+    if not tracking_warnings:
+        client = MlflowClient(tracking_uri=mlflow_server)
+        experiment = client.get_experiment_by_name("tpp-pipeline")
+        [run] = client.search_runs([experiment.experiment_id], filter_string="tags.`tpp.pipeline_key` = 'run-a' "
+                                   f"AND tags.`{STAGE_TAG}` = 'evaluate'")
+        assert run.info.status == "FINISHED"
+        assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 3
+
+
+@contextmanager
+def warnings_recorded() -> Iterator[list]:
+    """Every warning raised inside, none required."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
