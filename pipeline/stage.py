@@ -11,8 +11,11 @@ import csv
 import io
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, NoReturn, Optional, Sequence
+
+from rich.markup import escape
 
 from pipeline.config import Config, config_to_dict
 from pipeline.errors import PipelineError
@@ -21,6 +24,7 @@ from pipeline.fingerprint import code_fingerprint, files_fingerprint, fingerprin
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime, seed_everything
 from pipeline.settings import load_settings
+from pipeline.storage import check_writable, explain
 from pipeline.training import distributed
 from pipeline.training.loop import EpochRecord
 from pipeline.training.state import ResumeFile
@@ -33,6 +37,8 @@ METRICS_DIR = Path("metrics")
 PLOTS_DIR = Path("plots")
 REPORTS_DIR = Path("reports")
 RESUME_DIR = Path("resume")
+# Every folder a stage writes, probed before it starts so that an unwritable or full disk costs no work.
+WRITTEN_FOLDERS = (DENSE_CHECKPOINT.parent, METRICS_DIR, PLOTS_DIR, REPORTS_DIR, RESUME_DIR)
 
 # The settings each stage reads (dotted keys select part of a section). dvc.yaml's dependencies, the resolved
 # settings files and the resume fingerprints all derive from this one table.
@@ -53,16 +59,35 @@ def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None)
     traceback."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        config = load_settings(arguments)
-        if config.trainer.devices > 1 and not distributed.under_launcher():
-            distributed.check_devices(config.trainer.devices, resolve_device(config.device))
-            sys.exit(distributed.launch(config.trainer.devices, sys.argv[0], arguments))
-        main(config)
-    except PipelineError as error:
-        console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
-        sys.exit(2)
+        with reported_errors():
+            config = load_settings(arguments)
+            check_writable(WRITTEN_FOLDERS)
+            if config.trainer.devices > 1 and not distributed.under_launcher():
+                distributed.check_devices(config.trainer.devices, resolve_device(config.device))
+                sys.exit(distributed.launch(config.trainer.devices, sys.argv[0], arguments))
+            main(config)
     finally:
         distributed.stop_process_group()
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """User errors (settings, data, checkpoints, an unwritable or full disk) as one paragraph and exit status 2
+    instead of a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except PipelineError as error:
+        _fail(str(error))
+    except OSError as error:
+        message = explain(error)
+        if message is None:
+            raise
+        _fail(message)
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(2)
 
 
 def prepare_run(config: Config) -> Runtime:

@@ -18,14 +18,16 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import fcntl
 import hashlib
 import json
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -50,6 +52,7 @@ DENSE_SECTIONS = ("seed", "device", "amp", "trainer", "data", "model", "pretrain
 PRUNED_SECTIONS = DENSE_SECTIONS + ("prune",)
 CELL_SECTIONS = PRUNED_SECTIONS + ("retrain", "trainability")
 RESULTS_FOLDER = "results"
+LOCK_FILE = ".study.lock"
 
 
 @dataclass
@@ -302,30 +305,48 @@ def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Pa
     cells = plan(spec, study_path, root)
     runtime = _study_runtime(cells, study_path)
     output = Path(output) if output is not None else root / RESULTS_FOLDER / spec.name
-    runner = StudyRunner(output / "cache", runtime, code_fingerprint())
-    group = RunGroup(f"study:{spec.name}:{uuid.uuid4().hex}", f"study {spec.name}", f"tpp-study-{spec.name}")
-    console.print(f"[study] {spec.name}: {len(spec.methods)} methods × {len(spec.ratios)} ratios × "
-                  f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells on {runtime.device}; "
-                  f"results in {output}", markup=False, soft_wrap=True)
-    started = time.perf_counter()
-    results = []
-    for index, cell in enumerate(cells, 1):
-        console.print(f"[study] cell {index}/{len(cells)}: {cell.label}", markup=False, soft_wrap=True)
-        with track_stage(cell.label, params=_cell_params(cell), group=group) as tracker:
-            result, cached = runner.cell(cell)
-            _log_cell(tracker, result, cached)
-        results.append(result)
-        console.print(f"[study] cell {index}/{len(cells)} {'reused' if cached else 'done'}: {cell.label}: "
-                      f"after pruning {result['pruned_acc']:.2f}%, best retrained {result['best_acc']:.2f}% "
-                      f"({time.perf_counter() - started:.0f}s elapsed)", markup=False, soft_wrap=True)
-    write_study_outputs(spec.name, spec.description, _report_order(spec, results), output)
-    with track_stage("report", group=group, close_pipeline=True) as tracker:
-        tracker.log_artifact(output / "report.md")
-        for figure in sorted(output.glob("*.png")) + sorted(output.glob("*.csv")):
-            tracker.log_artifact(figure)
-    console.print(f"[study] {spec.name} finished in {time.perf_counter() - started:.0f}s: {output / 'report.md'}",
-                  markup=False, soft_wrap=True)
+    with _exclusive(output, study_path):
+        runner = StudyRunner(output / "cache", runtime, code_fingerprint())
+        group = RunGroup(f"study:{spec.name}:{uuid.uuid4().hex}", f"study {spec.name}", f"tpp-study-{spec.name}")
+        console.print(f"[study] {spec.name}: {len(spec.methods)} methods × {len(spec.ratios)} ratios × "
+                      f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells on "
+                      f"{runtime.device}; results in {output}", markup=False, soft_wrap=True)
+        started = time.perf_counter()
+        results = []
+        for index, cell in enumerate(cells, 1):
+            console.print(f"[study] cell {index}/{len(cells)}: {cell.label}", markup=False, soft_wrap=True)
+            with track_stage(cell.label, params=_cell_params(cell), group=group) as tracker:
+                result, cached = runner.cell(cell)
+                _log_cell(tracker, result, cached)
+            results.append(result)
+            console.print(f"[study] cell {index}/{len(cells)} {'reused' if cached else 'done'}: {cell.label}: "
+                          f"after pruning {result['pruned_acc']:.2f}%, best retrained {result['best_acc']:.2f}% "
+                          f"({time.perf_counter() - started:.0f}s elapsed)", markup=False, soft_wrap=True)
+        write_study_outputs(spec.name, spec.description, _report_order(spec, results), output)
+        with track_stage("report", group=group, close_pipeline=True) as tracker:
+            tracker.log_artifact(output / "report.md")
+            for figure in sorted(output.glob("*.png")) + sorted(output.glob("*.csv")):
+                tracker.log_artifact(figure)
+        console.print(f"[study] {spec.name} finished in {time.perf_counter() - started:.0f}s: {output / 'report.md'}",
+                      markup=False, soft_wrap=True)
     return output
+
+
+@contextmanager
+def _exclusive(output: Path, study_path: Path) -> Iterator[None]:
+    """Hold the study's output folder for this run only: two runs of one study would compute the same cells twice
+    and write the same cache and report files. The lock is the operating system's (flock), so it goes away with
+    the process, however that ends."""
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(f"{study_path}: this study is already running: another process holds "
+                                f"{output / LOCK_FILE}. Wait for it to finish (an interrupted study resumes from "
+                                f"its cache when run again), or pass --output with another folder to run a "
+                                f"separate copy.") from None
+        yield
 
 
 def _study_runtime(cells: Sequence[Cell], study_path: Path) -> Runtime:

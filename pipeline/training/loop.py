@@ -262,10 +262,13 @@ class Trainer:
                if self.resume is not None else "nothing was saved."))
 
     def _save(self, epoch_order: Optional[torch.Tensor], lr: float) -> None:
-        """Write the resume file (main process only), after checking the loss is still finite."""
-        if self.resume is None or not self.runtime.is_main:
+        """Write the resume file (main process only), after checking the loss is still finite (on every process:
+        the check is a collective under DDP)."""
+        if self.resume is None:
             return
         self._check_finite(lr)
+        if not self.runtime.is_main:
+            return
         position = self.position
         self.resume.save({
             "stage": self.stage, "epoch": position.epoch, "batch": position.batch, "step": position.step,

@@ -1,0 +1,22 @@
+"""Stage 0: check every setting in params.yaml, and the cross-checks that need neither data nor a GPU's work, then
+write each stage's resolved settings to settings/<stage>.json. It runs before every other stage, so a bad value
+stops `dvc repro` before DVC removes any output."""
+
+import sys
+
+from pipeline.preflight import SETTINGS_DIR, check_runnable, write_stage_settings
+from pipeline.settings import load_settings
+from pipeline.stage import WRITTEN_FOLDERS, reported_errors
+from pipeline.storage import check_writable
+
+
+def main() -> None:
+    with reported_errors():
+        config = load_settings(sys.argv[1:])
+        check_runnable(config)
+        check_writable((*WRITTEN_FOLDERS, SETTINGS_DIR))
+        write_stage_settings(config)
+
+
+if __name__ == "__main__":
+    main()
