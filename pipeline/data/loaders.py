@@ -8,12 +8,17 @@
 - mnist, cifar10, cifar100: the torchvision datasets, downloaded only when `data.download` is true.
 - imagefolder: ImageNet-style class folders under `<root>/train` and `<root>/val`.
 
+`data.loader` chooses how mnist and cifar are served: `device` keeps the whole dataset in device memory as uint8
+and augments there (`pipeline.data.device`), `workers` uses DataLoader worker processes (`data.num_workers`,
+`auto` = the machine's cores, at most 8) with pinned memory; `auto` is `device` on CUDA and `workers` elsewhere.
+
 Missing or unreadable data raises a `DataError` that says how to get it; DVC tracks the data folder.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 from pipeline.config import DataConfig
+from pipeline.data.device import DeviceBatches
 from pipeline.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,6 +47,7 @@ DIGITS_MAX_VALUE = 16
 DIGITS_CLASSES = 10
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+MAX_AUTO_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,7 @@ class TensorBatches:
         return torch.randperm(count, generator=self.generator).to(self.targets.device)
 
 
-Batches = TensorBatches | DataLoader
+Batches = TensorBatches | DeviceBatches | DataLoader
 Loaders = tuple[Batches, Batches, DatasetInfo]
 
 
@@ -230,6 +237,13 @@ def _build_mnist(config: DataConfig, feed: _Feed) -> Loaders:
                      config.download, source)
     info = DatasetInfo(name=config.name, num_classes=len(train_set.classes), in_channels=channels,
                        image_size=size, train_size=len(train_set), test_size=len(test_set))
+    if _on_device(config, feed):
+        def resident(dataset: datasets.MNIST) -> Tensor:
+            return transforms.functional.resize(dataset.data.unsqueeze(1), [size, size], antialias=True)
+
+        return _device_batches(resident(train_set), train_set.targets, resident(test_set), test_set.targets,
+                               augment=False, mean=MNIST_MEAN * channels, std=MNIST_STD * channels,
+                               channels=channels, resize_to=None, config=config, feed=feed) + (info,)
     return _dataloaders(train_set, test_set, config, feed) + (info,)
 
 
@@ -263,6 +277,13 @@ def _build_cifar(dataset_class: type[datasets.CIFAR10], title: str, mean: Sequen
                                                     download=download), config.download, source)
     info = DatasetInfo(name=config.name, num_classes=len(train_set.classes), in_channels=3, image_size=size,
                        train_size=len(train_set), test_size=len(test_set))
+    if _on_device(config, feed):
+        def resident(dataset: datasets.CIFAR10) -> Tensor:
+            return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+
+        return _device_batches(resident(train_set), torch.tensor(train_set.targets), resident(test_set),
+                               torch.tensor(test_set.targets), augment=config.augment, mean=mean, std=std,
+                               channels=3, resize_to=size, config=config, feed=feed) + (info,)
     return _dataloaders(train_set, test_set, config, feed) + (info,)
 
 
@@ -334,15 +355,47 @@ def _open(factory: Callable[[bool], Dataset], download: bool, source: _Source) -
                         f"or {place}; {record}.") from None
 
 
+def worker_count(setting: int | str) -> int:
+    """`data.num_workers` as a number: `auto` is the cores this process may use, at most MAX_AUTO_WORKERS.
+
+    With workers, the augmentation each sample gets depends on the worker count, so `auto` ties results to the
+    machine; a fixed count keeps them identical across machines.
+    """
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, MAX_AUTO_WORKERS)
+
+
+def _on_device(config: DataConfig, feed: _Feed) -> bool:
+    """Whether `data.loader` puts this (mnist or cifar) dataset in device memory: `auto` does so on CUDA."""
+    return config.loader == "device" or (config.loader == "auto" and feed.device.type == "cuda")
+
+
+def _device_batches(train_images: Tensor, train_targets: Tensor, test_images: Tensor, test_targets: Tensor, *,
+                    augment: bool, mean: Sequence[float], std: Sequence[float], channels: int,
+                    resize_to: Optional[int], config: DataConfig, feed: _Feed) -> tuple[DeviceBatches, DeviceBatches]:
+    """Train (shuffled, augmented when asked, this rank's share) and test batches served from device memory."""
+    common = dict(mean=mean, std=std, channels=channels, resize_to=resize_to, device=feed.device)
+    train = DeviceBatches(train_images, train_targets.long(), feed.batch_size, shuffle=True, augment=augment,
+                          seed=feed.seed, rank=feed.rank, world_size=feed.world_size, **common)
+    test = DeviceBatches(test_images, test_targets.long(), config.eval_batch_size, shuffle=False, augment=False,
+                         **common)
+    return train, test
+
+
 def _dataloaders(train_set: Dataset, test_set: Dataset, config: DataConfig,
                  feed: _Feed) -> tuple[DataLoader, DataLoader]:
     """DataLoaders whose shuffling and worker randomness (augmentation) depend only on the seed; under DDP the
-    train split goes through a DistributedSampler (same seed on every process, one shard each)."""
+    train split goes through a DistributedSampler (same seed on every process, one shard each). Workers persist
+    across epochs and batches go to a CUDA device through pinned memory."""
+    workers = worker_count(config.num_workers)
+
     def loader(dataset: Dataset, batch_size: int, shuffle: bool, sampler: Optional[Sampler] = None) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                           generator=torch.Generator().manual_seed(feed.seed), worker_init_fn=_seed_worker,
-                          num_workers=config.num_workers, pin_memory=feed.device.type == "cuda",
-                          persistent_workers=config.num_workers > 0, drop_last=False)
+                          num_workers=workers, pin_memory=feed.device.type == "cuda",
+                          persistent_workers=workers > 0, drop_last=False)
 
     if feed.world_size > 1:
         sampler = DistributedSampler(train_set, num_replicas=feed.world_size, rank=feed.rank, shuffle=True,
