@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Sequence
 
 import matplotlib
 
@@ -35,13 +35,13 @@ def accuracy_chart(histories: Mapping[str, List[Dict[str, float]]], path: Path) 
     save_figure(figure, path)
 
 
-def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
-    """A one-screen summary of what pruning cost and bought."""
+def markdown_report(metrics: Mapping[str, Any], latency: Mapping[str, Any], path: Path) -> None:
+    """A one-screen summary of what pruning cost and bought: accuracy, size, MACs, and measured latency per
+    deployment target beside the MAC speed-up."""
     lines = [
         f"# TPP pipeline report: {metrics['model']} on {metrics['dataset']}",
         "",
-        f"Method `{metrics['method']}`, {metrics['pruned_filters']} filters removed; "
-        f"latency measured on `{metrics['device']}` at batch {metrics['latency_batch_size']}.",
+        f"Method `{metrics['method']}`, {metrics['pruned_filters']} filters removed.",
         "",
         "| | dense | pruned |",
         "|---|---|---|",
@@ -49,16 +49,54 @@ def markdown_report(metrics: Mapping[str, Any], path: Path) -> None:
         f"(best {metrics['best_retrain_acc']:.2f}; {metrics['pruned_acc']:.2f} right after pruning) |",
         f"| parameters | {metrics['params_dense']:,} | {metrics['params_pruned']:,} |",
         f"| MACs | {metrics['macs_dense']:,} | {metrics['macs_pruned']:,} |",
-        f"| latency (ms) | {metrics['latency_dense_ms']:.3f} | {metrics['latency_pruned_ms']:.3f} |",
         *_trainability_row(metrics),
         "",
-        f"Parameter sparsity {100 * metrics['sparsity']:.1f}%, speed-up {metrics['speedup_macs']:.2f}× in MACs and "
-        f"{metrics['speedup_latency']:.2f}× measured.",
+        f"Parameter sparsity {100 * metrics['sparsity']:.1f}%, speed-up {metrics['speedup_macs']:.2f}× in MACs.",
+        "",
+        *latency_table(latency),
         "",
         "![test accuracy per epoch](accuracy.png)",
         "",
     ]
     atomic_write_text(path, "\n".join(lines))
+
+
+def latency_record(comparisons: Sequence[Any], environment: Mapping[str, Any], speedup_macs: float,
+                   onnx_max_abs_diff: float) -> Dict[str, Any]:
+    """Every measured time of the evaluate stage, kept apart from the deterministic metrics (times change from run
+    to run): per target and batch, with the machine and library versions they were measured with."""
+    targets: Dict[str, Dict[str, Any]] = {}
+    for comparison in comparisons:
+        targets.setdefault(comparison.target, {})[f"batch_{comparison.batch_size}"] = comparison.to_dict()
+    return {**environment, "speedup_macs": speedup_macs, "onnx_max_abs_diff": onnx_max_abs_diff, "targets": targets}
+
+
+def summary_record(metrics: Mapping[str, Any], latency: Mapping[str, Any], batch_size: int) -> Dict[str, float]:
+    """The handful of numbers people compare runs by: accuracy dense / right after pruning / final, MAC speed-up,
+    measured speed-up per target at the throughput batch, and the mean JSV."""
+    summary = {"acc_dense": metrics["dense_acc"], "acc_pruned": metrics["pruned_acc"],
+               "acc_final": metrics["final_acc"], "speedup_macs": metrics["speedup_macs"],
+               **{f"speedup_{target}": batches[f"batch_{batch_size}"]["speedup"]
+                  for target, batches in latency["targets"].items()}}
+    summary.update({key: metrics[key] for key in ("jsv_dense", "jsv_pruned", "jsv_final") if key in metrics})
+    return summary
+
+
+def latency_table(latency: Mapping[str, Any]) -> List[str]:
+    """Measured latency per target and batch (median ± IQR), the speed-up beside the MAC speed-up, and what it
+    was measured on."""
+    lines = ["## Measured latency (BatchNorm folded on both sides, median ± IQR over interleaved rounds)", "",
+             "| target | batch | dense (ms) | pruned (ms) | speed-up | MAC speed-up |", "|---|---|---|---|---|---|"]
+    for target, batches in latency["targets"].items():
+        for batch, row in batches.items():
+            lines.append(f"| {target} | {batch.removeprefix('batch_')} | {row['dense_ms']:.3f} ± "
+                         f"{row['dense_iqr_ms']:.3f} | {row['pruned_ms']:.3f} ± {row['pruned_iqr_ms']:.3f} | "
+                         f"{row['speedup']:.2f}× ± {row['speedup_iqr']:.2f} | {latency['speedup_macs']:.2f}× |")
+    versions = ", ".join(f"{name} {latency[name]}" for name in ("torch", "onnxruntime", "onnx"))
+    lines += ["", f"Measured on `{latency['device']}` ({latency['device_name']}; {latency['torch_threads']} torch "
+                  f"threads), {versions}. ONNX export (`models/final.onnx`) max abs difference from PyTorch: "
+                  f"{latency['onnx_max_abs_diff']:.2g}."]
+    return lines
 
 
 def _trainability_row(metrics: Mapping[str, Any]) -> List[str]:

@@ -101,11 +101,41 @@ class RunGroup:
     key: str
     label: str
     experiment: str
+    named_by_settings: bool = False
 
 
 def pipeline_group() -> RunGroup:
     """The group of one pipeline execution: its stages, each a separate process, share `pipeline_key()`."""
-    return RunGroup(pipeline_key(), "pipeline", experiment_name())
+    return RunGroup(pipeline_key(), "pipeline", experiment_name(), named_by_settings=True)
+
+
+# What defines a pipeline run, in the order a person reads it: (tag, settings path, label in the run's name).
+DEFINING_SETTINGS = (("tpp.model", ("model", "name"), ""), ("tpp.data", ("data", "name"), ""),
+                     ("tpp.method", ("prune", "method"), ""), ("tpp.ratio", ("prune", "ratio"), ""),
+                     ("tpp.round_to", ("prune", "round_to"), "round "), ("tpp.lr", ("retrain", "lr"), "lr "))
+
+
+def defining_tags(params: Mapping[str, Any]) -> dict[str, str]:
+    """The settings that tell runs apart (model, data, method, ratio, alignment, retraining LR), as tags; empty
+    for params of another shape."""
+    tags = {}
+    for tag, path, _ in DEFINING_SETTINGS:
+        value: Any = params
+        for part in path:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if value is not None:
+            tags[tag] = str(value)
+    return tags
+
+
+def run_name(tags: Mapping[str, str]) -> str | None:
+    """A run's name from its defining tags, e.g. 'resnet56 digits tpp 0.9 lr 0.01' ('round 8' only when
+    aligned), so the MLflow run list reads as the experiments it holds."""
+    if not tags:
+        return None
+    parts = [f"{label}{tags[tag]}" for tag, _, label in DEFINING_SETTINGS
+             if tag in tags and not (tag == "tpp.round_to" and tags[tag] == "1")]
+    return " ".join(parts)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -248,6 +278,33 @@ class _Sender:
             call()
 
 
+def _name_run(client: MlflowClient, run_id: str, name: str | None, tags: Mapping[str, str]) -> None:
+    client.update_run(run_id, name=name)
+    _send_tags(client, run_id, tags)
+
+
+def _send_model(client: MlflowClient, run_id: str, uri: str, model: Any, input_example: Any,
+                tags: Mapping[str, str]) -> None:
+    """mlflow.pytorch.log_model into the run's experiment, with the pipeline's code (the classes the pickled model
+    needs) and pinned requirements (MLflow's inference of them would load the model in a subprocess)."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    import pipeline
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    mlflow.pytorch.log_model(model, name="model", run_id=run_id, input_example=input_example,
+                             signature=infer_signature(input_example, output), tags=dict(tags),
+                             code_paths=[str(Path(pipeline.__file__).parent)],
+                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
 class StageTracker:
     """Logs one stage run to MLflow; never lets a tracking failure fail the stage, nor a slow store hold it up.
 
@@ -301,6 +358,30 @@ class StageTracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log one step's metrics (an epoch, say) in a single request rather than one per value."""
         self._attempt("log metrics", lambda client, run_id: _send_metrics(client, run_id, metrics, step or 0))
+
+    def describe(self, params: Mapping[str, Any]) -> None:
+        """Tag the stage run with what defines it and, for a pipeline execution, name its parent run by it."""
+        tags = defining_tags(params)
+        if not tags:
+            return
+        self.set_tags(tags)
+        parent_run_id, name = self.parent_run_id, run_name(tags)
+        if self.group.named_by_settings and parent_run_id is not None:
+            self._attempt("name the pipeline's run", lambda client, _: _name_run(client, parent_run_id, name, tags))
+
+    def log_summary(self, metrics: Mapping[str, float]) -> None:
+        """The few numbers people compare, on the stage run and on its parent (the row the MLflow UI lists)."""
+        self.log_metrics(metrics)
+        parent_run_id = self.parent_run_id
+        if parent_run_id is not None:
+            self._attempt("log the pipeline's summary",
+                          lambda client, _: _send_metrics(client, parent_run_id, metrics, 0))
+
+    def log_model(self, model: Any, input_example: Any, tags: Mapping[str, str]) -> None:
+        """Log `model` as an MLflow PyTorch model of the stage run (`mlflow.pytorch.load_model` returns it), with an
+        input example, its signature and `tags`."""
+        self._attempt("log the model", lambda client, run_id: _send_model(client, run_id, self.uri, model,
+                                                                            input_example, tags))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Attach descriptive labels (device, git commit, ...) to the stage run."""
@@ -375,6 +456,7 @@ def track_stage(stage: str, *, params: Mapping[str, Any] | None = None, close_pi
     if enabled:
         tracker.start()
     if params:
+        tracker.describe(params)
         tracker.log_params(params)
     try:
         yield tracker
