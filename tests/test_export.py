@@ -70,3 +70,29 @@ def test_a_network_torch_fx_cannot_trace_is_refused_with_the_reason():
 
     with pytest.raises(ExportError, match="torch.fx can trace.*DataDependent"):
         fold_batchnorm(DataDependent())
+
+
+def test_pruned_model_is_logged_to_mlflow_as_a_loadable_model_with_signature_and_tags(pruned_resnet, tmp_path,
+                                                                                       monkeypatch):
+    import mlflow
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import RunGroup, track_stage
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    example = torch.randn(1, 1, 8, 8)
+    with track_stage("evaluate", group=RunGroup("model-test", "pipeline", "tpp-pipeline")) as tracker:
+        tracker.log_model(pruned_resnet, example.numpy(), tags={"sparsity": "0.4", "macs": "123"})
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tpp-pipeline")
+    models = client.search_logged_models([experiment.experiment_id])
+    assert len(models) == 1 and models[0].source_run_id == tracker.run_id
+    assert models[0].tags["sparsity"] == "0.4" and models[0].tags["macs"] == "123"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    loaded = mlflow.pytorch.load_model(models[0].model_uri)
+    assert torch.allclose(loaded(example), pruned_resnet(example), atol=1e-6)
+    info = mlflow.models.get_model_info(models[0].model_uri)
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 1, 8, 8)

@@ -16,7 +16,9 @@ first conv of a residual block's inner branch, never the residual stream, as the
 | mobilenet_v2 | `features.*.conv.0.0` (the 1×1 expansion conv) | `features.1.*` (no expansion there) |
 | efficientnet_b0 | `features.*.*.block.0.0` (the 1×1 expansion conv; its SE block follows) | `features.1.*` |
 | convnext_tiny | `features.*.*.block.3` (the first pointwise Linear, 4× wide) | |
-| regnet_y_400mf | `trunk_output.*.f.a.0` (the 1×1 conv before the grouped conv) | |
+
+regnet_y_400mf is registered, but its bottlenecks feed grouped convs (groups of 8 channels), which Torch-Pruning cannot
+shrink channel by channel: selecting `trunk_output.*.f.a.0` is refused with an error naming the grouped conv.
 
 `model.pretrained: true` starts from torchvision's published weights (see `pipeline.checkpoint.dense_model`);
 the architecture itself is always built without them, so rebuilding a checkpoint never downloads anything.

@@ -77,13 +77,21 @@ def select_filters(model: nn.Module, ratios: Mapping[str, float], skip: Sequence
 
 
 def _check_understood(graph: tp.DependencyGraph, model: nn.Module, pruned: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a removal that reaches a parameter of a layer type the dependency graph does not know, unless it
-    is a per-channel vector: Torch-Pruning then guesses which dimension to cut, and a matrix guessed wrong fails
-    (or silently computes something else) after removal."""
+    """Refuse a removal the dependency graph cannot carry out: one reaching a grouped (not depthwise) conv, or a
+    parameter of a layer type it does not know unless that is a per-channel vector (Torch-Pruning then guesses
+    which dimension to cut, and a matrix guessed wrong fails, or silently computes something else, after
+    removal)."""
     owners = {id(parameter): name for name, parameter in model.named_parameters()}
+    modules = {id(module): module_name for module_name, module in model.named_modules()}
     for name, indices in pruned.items():
         for item in pruning_group(graph, model.get_submodule(name), indices.tolist()):
             target = item.dep.target.module
+            if isinstance(target, nn.Conv2d) and 1 < target.groups < target.in_channels:
+                raise PruningError(
+                    f"Layer '{name}' cannot be pruned: its filters feed '{modules.get(id(target), '?')}', a grouped "
+                    f"Conv2d ({target.groups} groups of {target.in_channels // target.groups} channels), which the "
+                    f"dependency graph (Torch-Pruning) cannot shrink channel by channel. Add '{name}' to prune.skip "
+                    f"or prune layers that feed only ordinary or depthwise convs.")
             if isinstance(target, nn.Parameter) and sum(size > 1 for size in target.shape) > 1:
                 owner = owners.get(id(target), "?")
                 module = model.get_submodule(owner.rpartition(".")[0]) if "." in owner else model
