@@ -77,6 +77,14 @@ def test_eager_step_is_the_loops_train_step_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(stepped.state_dict().values(), model.state_dict().values()))
 
 
+def test_two_eager_cpu_runs_with_tpp_are_byte_identical():
+    data = batches([16, 16, 16])
+    first, first_totals = train("eager", data)
+    second, second_totals = train("eager", data)
+    assert all(torch.equal(a, b) for a, b in zip(first_totals, second_totals))
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
 def test_channels_last_step_equals_the_contiguous_one():
     data = batches([16, 16])
     contiguous, _ = train("eager", data)
