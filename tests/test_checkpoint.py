@@ -161,3 +161,21 @@ def test_a_checkpoint_written_from_cuda_loads_on_the_cpu(tmp_path):
     loaded = load_checkpoint(tmp_path / "dense.pt", device=torch.device("cpu"))
     inputs = torch.randn(2, 1, 8, 8)
     assert torch.allclose(loaded.model.eval()(inputs), model.eval()(inputs.cuda()).cpu(), atol=1e-5)
+
+
+def test_one_starting_point_at_a_time_and_pretrained_is_a_key_of_its_own():
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.config import config_from_mapping
+    from pipeline.errors import ConfigError
+    shipped = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    params = yaml.safe_load(shipped)
+    params["model"].update(pretrained=True, checkpoint="weights.pth")
+    with pytest.raises(ConfigError, match="'model.checkpoint' is set while model.pretrained is true"):
+        config_from_mapping(params)
+    params = yaml.safe_load(shipped)
+    params["model"]["options"]["pretrained"] = True
+    with pytest.raises(ConfigError, match="'model.options.pretrained' is no longer a model option.*model.pretrained"):
+        config_from_mapping(params)
