@@ -77,10 +77,27 @@ def resolve_runtime(trainer: TrainerConfig, device: torch.device, amp: str, rank
     if trainer.step == "graph" and device.type != "cuda":
         raise ConfigError(f"params.yaml: 'trainer.step' is 'graph' but the stage runs on {device.type}; CUDA graphs "
                           f"need a CUDA GPU. Use `trainer.step: eager` (or `compile`) on this machine.")
+    amp = resolve_amp(amp, device)
+    if trainer.step == "graph":
+        check_graph_mode(amp, trainer.devices)
     channels_last = trainer.memory_format == "channels_last" or (
         trainer.memory_format == "auto" and device.type == "cuda")
-    return Runtime(device=device, amp=resolve_amp(amp, device), step=trainer.step, channels_last=channels_last,
+    return Runtime(device=device, amp=amp, step=trainer.step, channels_last=channels_last,
                    checkpoint_every=trainer.checkpoint_every, rank=rank, world_size=world_size)
+
+
+def check_graph_mode(amp: str, processes: int) -> None:
+    """Refuse the combinations a single captured CUDA graph cannot replay faithfully."""
+    if amp == "fp16":
+        raise ConfigError("params.yaml: 'trainer.step' is 'graph' with 'amp: fp16', but fp16's GradScaler checks "
+                          "every step for overflow on the host and skips or rescales steps, which a captured "
+                          "CUDA graph cannot do. Use `amp: bf16` (or `auto`) with `trainer.step: graph`, or keep "
+                          "fp16 with `trainer.step: compile` or `eager`.")
+    if processes > 1:
+        raise ConfigError(f"params.yaml: 'trainer.step' is 'graph' with {processes} processes, but this pipeline "
+                          f"captures CUDA graphs for one process only (DDP's gradient all-reduce is not captured). "
+                          f"Use `trainer.step: compile` with `trainer.devices` > 1, or `trainer.devices: 1` with "
+                          f"`graph`.")
 
 
 def configure_numerics(trainer: TrainerConfig, device: torch.device) -> None:

@@ -21,8 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.runtime import Runtime
+from pipeline.runtime import Runtime, check_graph_mode
 
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WARMUP_STEPS = 3
@@ -94,7 +93,7 @@ class _GraphedStep:
     """The step captured as one CUDA graph and replayed with each batch copied into static input buffers."""
 
     def __init__(self, update: StepFunction, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
-        _check_graph_mode(runtime)
+        check_graph_mode(runtime.amp, runtime.world_size)
         self.update, self.optimizer, self.device = update, optimizer, runtime.device
         self.side_stream = torch.cuda.Stream(runtime.device)
         self.warmed_up = 0
@@ -145,17 +144,3 @@ class _GraphedStep:
             with torch.cuda.graph(graph):
                 static_totals = self.update(static_inputs, static_targets)
         self.graph, self.static, self.captured_lrs = graph, (static_inputs, static_targets, static_totals), self._lrs()
-
-
-def _check_graph_mode(runtime: Runtime) -> None:
-    """Refuse the combinations a single captured graph cannot replay faithfully."""
-    if runtime.amp == "fp16":
-        raise ConfigError("params.yaml: 'trainer.step' is 'graph' with 'amp: fp16', but fp16's GradScaler checks "
-                          "every step for overflow on the host and skips or rescales steps, which a captured "
-                          "CUDA graph cannot do. Use `amp: bf16` (or `auto`) with `trainer.step: graph`, or keep "
-                          "fp16 with `trainer.step: compile` or `eager`.")
-    if runtime.distributed:
-        raise ConfigError(f"params.yaml: 'trainer.step' is 'graph' with {runtime.world_size} processes, but this "
-                          f"pipeline captures CUDA graphs for one process only (DDP's gradient all-reduce is not "
-                          f"captured). Use `trainer.step: compile` with `trainer.devices` > 1, or "
-                          f"`trainer.devices: 1` with `graph`.")
