@@ -316,7 +316,11 @@ def _validate_data(data: DataConfig) -> None:
 
 
 def _validate_training(section: str, train: TrainConfig) -> None:
-    _positive(f"{section}.epochs", train.epochs)
+    if section == "pretrain":
+        require(train.epochs >= 0, "pretrain.epochs",
+                "must be 0 (keep the starting weights of model.pretrained / model.checkpoint as they are) or more")
+    else:
+        _positive(f"{section}.epochs", train.epochs)
     _positive(f"{section}.batch_size", train.batch_size)
     _positive(f"{section}.lr", train.lr)
     require(0 <= train.momentum < 1, f"{section}.momentum", "must be in [0, 1)")

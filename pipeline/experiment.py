@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from pipeline.checkpoint import Architecture
+from pipeline.checkpoint import Architecture, dense_model
 from pipeline.config import Config
 from pipeline.measure.jacobian import JacobianProbe, first_inputs, mean_jacobian_singular_value
 from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
@@ -27,10 +27,13 @@ OnEpoch = Optional[Callable[[EpochRecord], None]]
 
 def pretrain(config: Config, architecture: Architecture, train: Batches, test: Batches, runtime: Runtime,
              on_epoch: OnEpoch = None, resume: Optional[ResumeFile] = None) -> tuple[nn.Module, List[EpochRecord]]:
-    """Build the dense network from the seed and train it with SGD and the step schedule of `pretrain`."""
+    """Build the dense network (from the seed, torchvision's weights or a user's file) and train it with SGD and
+    the step schedule of `pretrain`; with `pretrain.epochs: 0` the starting weights are imported as they are."""
     settings = config.pretrain
     seed_everything(config.seed)
-    model = architecture.build().to(runtime.device)
+    model = dense_model(config.model, architecture).to(runtime.device)
+    if settings.epochs == 0:
+        return model, []
     optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
     history = fit(model, train, test, optimizer, runtime=runtime, epochs=settings.epochs,
                   scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), stage="pretrain",

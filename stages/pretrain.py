@@ -1,4 +1,6 @@
-"""Stage 1: train the dense network from scratch on the configured dataset."""
+"""Stage 1: train the dense network on the configured dataset, from scratch or from imported weights."""
+
+from pathlib import Path
 
 from pipeline import experiment
 from pipeline.checkpoint import Architecture, save_checkpoint
@@ -8,6 +10,7 @@ from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, resume_file, run_stage, \
     write_history, write_json
 from pipeline.tracking import track_stage
+from pipeline.training.loop import evaluate
 
 
 def main(config: Config) -> None:
@@ -15,14 +18,15 @@ def main(config: Config) -> None:
     train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
                                       device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
     architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
-    resume = resume_file("pretrain", config)
+    resume = resume_file("pretrain", config, inputs=[Path(config.model.checkpoint)] if config.model.checkpoint else [])
     with track_stage("pretrain", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
         model, history = experiment.pretrain(
             config, architecture, train, test, runtime, resume=resume,
             on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
         if not runtime.is_main:
             return
-        metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history),
+        accuracy = history[-1].test_acc if history else evaluate(model, test, runtime.device, runtime.amp)[1]
+        metrics = {"final_test_acc": accuracy, "best_test_acc": max([accuracy] + [r.test_acc for r in history]),
                    "params": count_parameters(model),
                    "macs": count_macs(model, architecture.example_inputs(runtime.device))}
         digest = save_checkpoint(DENSE_CHECKPOINT, model, architecture, config=config_to_dict(config),
