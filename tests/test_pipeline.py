@@ -1,86 +1,51 @@
 """The whole product, end to end: real `dvc repro` / `dvc exp` on a tiny config in a temporary copy of the repo,
 real MLflow store and server. Tests in this module run in order and share one repository copy."""
 
+import hashlib
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-TRACKED = ["pipeline", "stages", ".dvc/config", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "data.dvc",
-           "pyproject.toml"]
-TINY = {"model.name": "resnet20", "pretrain.epochs": 2, "pretrain.milestones": [1], "prune.reg.delta": 0.25,
-        "prune.reg.stabilize_steps": 6, "prune.ratio": 0.5, "retrain.epochs": 2, "retrain.milestones": [1],
-        "evaluate.latency_repeats": 2, "evaluate.latency_batch_size": 16, "trainability.jsv_samples": 8}
+from pipeline.preflight import resolved_settings
+from pipeline.settings import load_settings
+from pipeline.tracking import DRAIN_TIMEOUT_S, OPEN_TIMEOUT_S
+from tiny_repo import VENV_BIN, make_repo, run, set_params, stages_ran
+
 STAGES = ("pretrain", "prune", "retrain", "evaluate")
+OUTPUTS = ("models", "metrics", "plots", "reports", "settings", "dvc.lock")
 
 
-def run(command, cwd, check=True, **env):
-    """Run a command like a user would, with the virtual environment first on PATH."""
-    environment = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-                   "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                   "GIT_COMMITTER_EMAIL": "t@t", **env}
-    environment.pop("MLFLOW_TRACKING_URI", None) if "MLFLOW_TRACKING_URI" not in env else None
-    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=900)
-    output = result.stdout + result.stderr
-    if check and result.returncode != 0:
-        raise AssertionError(f"{command} failed ({result.returncode}):\n{output[-4000:]}")
-    return result.returncode, output
-
-
-def set_params(repo: Path, changes: dict) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        section = params
-        for key in parents:
-            section = section[key]
-        section[leaf] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def stages_ran(output: str) -> set:
-    return set(re.findall(r"Running stage '(\w+)'", output))
+def output_hashes(repo: Path) -> dict:
+    """Content hash of every pipeline output (and dvc.lock), to tell whether a command touched any."""
+    files = [path for name in OUTPUTS for path in sorted((repo / name).rglob("*") if (repo / name).is_dir()
+                                                          else [repo / name]) if path.is_file()]
+    return {str(path.relative_to(repo)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git + DVC copy of the project with the embedded data materialised and a tiny experiment."""
-    root = tmp_path_factory.mktemp("project")
-    for name in TRACKED:
-        source = REPO / name
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    run([sys.executable, "-m", "pipeline.data", "digits", "--root", "data"], root)
-    set_params(root, TINY)
-    run(["git", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "tiny experiment"], root)
-    return root
+    return make_repo(tmp_path_factory.mktemp("project"))
 
 
 def test_full_pipeline_runs_and_tracks_every_stage(repo):
     _, output = run(["dvc", "repro"], repo, TPP_PIPELINE_RUN="first")
-    assert stages_ran(output) == set(STAGES)
+    assert stages_ran(output) == {"validate", *STAGES}
+    assert output.index("Running stage 'validate'") < output.index("Running stage 'pretrain'")
+    expected = resolved_settings(load_settings(path=repo / "params.yaml"))
+    assert {stage: (repo / "settings" / f"{stage}.json").read_text() for stage in STAGES} == expected
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     for key in ("dense_acc", "pruned_acc", "final_acc", "params_dense", "params_pruned", "macs_dense", "macs_pruned",
-                "sparsity", "speedup_macs", "speedup_latency", "jsv_dense", "jsv_pruned", "jsv_final"):
+                "sparsity", "speedup_macs", "jsv_dense", "jsv_pruned", "jsv_final"):
         assert key in metrics
     assert metrics["params_pruned"] < metrics["params_dense"] and metrics["speedup_macs"] > 1
     assert 0 <= metrics["final_acc"] <= 100
@@ -117,29 +82,36 @@ def test_second_repro_does_nothing(repo):
 
 def test_retrain_lr_reruns_only_retrain_and_evaluate(repo):
     set_params(repo, {"retrain.lr": 0.005})
+    _, changed = run(["dvc", "params", "diff"], repo)
+    assert "retrain.lr" in changed and "0.005" in changed
     _, output = run(["dvc", "repro"], repo)
-    assert stages_ran(output) == {"retrain", "evaluate"}
+    assert stages_ran(output) == {"validate", "retrain", "evaluate"}
+
+
+def test_run_only_setting_reruns_no_stage(repo):
+    set_params(repo, {"trainer.checkpoint_every": 7})
+    _, output = run(["dvc", "repro"], repo)
+    assert stages_ran(output) == {"validate"}
 
 
 def test_prune_ratio_reruns_prune_retrain_and_evaluate(repo):
     set_params(repo, {"prune.ratio": 0.7})
     _, output = run(["dvc", "repro"], repo)
-    assert stages_ran(output) == {"prune", "retrain", "evaluate"}
+    assert stages_ran(output) == {"validate", "prune", "retrain", "evaluate"}
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "ratio 0.7"], repo)
 
 
-def test_bad_setting_stops_dvc_with_one_clear_message(repo):
-    lock_before = (repo / "dvc.lock").read_text()
-    dense_before = (repo / "models/dense.pt").read_bytes()
+def test_bad_setting_stops_dvc_with_one_clear_message_and_removes_nothing(repo):
+    before = output_hashes(repo)
     set_params(repo, {"retrain.lr": -1.0})
     code, output = run(["dvc", "repro"], repo, check=False)
     set_params(repo, {"retrain.lr": 0.005})
     assert code != 0
     assert "'retrain.lr' -1.0 must be greater than 0" in output
     assert "Traceback" not in output
-    assert (repo / "dvc.lock").read_text() == lock_before
-    assert (repo / "models/dense.pt").read_bytes() == dense_before
+    assert stages_ran(output) == {"validate"}
+    assert output_hashes(repo) == before
 
 
 def test_dvc_experiments_show_key_metrics(repo):
@@ -185,6 +157,37 @@ def test_stage_run_is_visible_through_the_mlflow_server(repo, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def hold_connections(listener: socket.socket) -> None:
+    """Accept every connection and never answer, until the listener closes."""
+    held = []
+    while True:
+        try:
+            held.append(listener.accept()[0])
+        except OSError:
+            return
+
+
+def test_tracking_server_that_never_answers_delays_a_stage_boundedly(repo):
+    """The 1,237 s case: a server that accepts connections and never answers."""
+    metrics_path = repo / "metrics/evaluate.json"
+    started = time.perf_counter()
+    run([sys.executable, "stages/evaluate.py"], repo)
+    baseline = time.perf_counter() - started
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=hold_connections, args=(listener,), daemon=True).start()
+    metrics_path.unlink()
+    try:
+        started = time.perf_counter()
+        _, output = run([sys.executable, "stages/evaluate.py"], repo,
+                        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{listener.getsockname()[1]}")
+        hanging = time.perf_counter() - started
+    finally:
+        listener.close()
+    assert output.count("MLflow tracking is off") == 1
+    assert "final_acc" in json.loads(metrics_path.read_text())
+    assert hanging - baseline < OPEN_TIMEOUT_S + DRAIN_TIMEOUT_S + 30, (baseline, hanging)
 
 
 def test_unwritable_mlflow_store_warns_once_and_keeps_dvc_metrics(repo):
