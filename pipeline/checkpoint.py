@@ -12,7 +12,7 @@ read onto the CPU first (`map_location="cpu"`), so checkpoints written on a GPU 
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.errors import CheckpointError
+from pipeline.files import atomic_write_bytes
 from pipeline.models import create_model
 from pipeline.models.torchvision_models import pretrained_state_dict
 from pipeline.pruning.surgery import remove_filters
@@ -73,7 +74,6 @@ def save_checkpoint(path: Path, model: nn.Module, architecture: Architecture, *,
                     metrics: Mapping[str, Any]) -> str:
     """Write atomically (temp file + rename, so a kill never leaves half a file); return the file's sha256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -83,9 +83,9 @@ def save_checkpoint(path: Path, model: nn.Module, architecture: Architecture, *,
         "config": dict(config),
         "metrics": dict(metrics),
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return file_sha256(path)
 
 

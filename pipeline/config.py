@@ -199,6 +199,7 @@ def config_to_dict(config: Config) -> Dict[str, Any]:
 
 def _compose(path: Path, overrides: Sequence[str]) -> Dict[str, Any]:
     """Compose the YAML with Hydra so command-line overrides use Hydra's grammar."""
+    _check_top_level_is_a_mapping(path)
     try:
         with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None, job_name="tpp"):
             composed = compose(config_name=path.stem, overrides=list(overrides))
@@ -223,22 +224,35 @@ def _compose(path: Path, overrides: Sequence[str]) -> Dict[str, Any]:
     return container
 
 
+def _check_top_level_is_a_mapping(path: Path) -> None:
+    """A file whose top level is a list or a scalar would reach Hydra and fail there with its own jargon."""
+    try:
+        document = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return
+    if document is not None and not isinstance(document, dict):
+        raise ConfigError(f"{path.name} must be a mapping of sections (seed, data, model, ...) but its top level is "
+                          f"a {type(document).__name__}. Restore the shipped layout: one `section:` per line at the "
+                          f"left margin, its keys indented below it.")
+
+
 def _check_keys(raw: Dict[str, Any], schema: type, prefix: str) -> None:
     """Refuse keys the schema does not know (suggesting the closest known one) and keys left out: every setting is
     written in params.yaml, so DVC tracks it and nothing falls back to a default hidden in the code."""
     known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+            raise ConfigError(f"params.yaml: unknown key '{prefix}{key}'.{hint} Known keys in {section}: "
+                              f"{', '.join(sorted(known))}. Rename or remove it.")
     missing = [name for name in known if name not in raw]
     if missing:
         raise ConfigError(f"params.yaml: missing key '{prefix}{missing[0]}'. Every setting must be written out so "
                           f"that DVC tracks it; add it (the shipped params.yaml and README.md list them all).")
     for key, value in raw.items():
         full_key = f"{prefix}{key}"
-        if key not in known:
-            close = difflib.get_close_matches(str(key), list(known), n=1)
-            hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
-            section = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
-            raise ConfigError(f"params.yaml: unknown key '{full_key}'.{hint} Known keys in {section}: "
-                              f"{', '.join(sorted(known))}. Rename or remove it.")
         field_type = _dataclass_type(known[key].type)
         wants_mapping = field_type is not None or str(known[key].type).startswith("Dict")
         if wants_mapping and value is not None and not isinstance(value, dict):

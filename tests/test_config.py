@@ -242,3 +242,16 @@ def test_a_missing_key_is_an_error_not_a_hidden_default(tmp_path: Path, line: st
     replacement = line.replace("  lr: 0.01\n", "") if key == "prune.lr" else ""
     path = write_params_text(tmp_path, line, replacement)
     assert f"missing key '{key}'" in config_error(path)
+
+
+def test_a_typo_in_a_section_name_is_named_as_such(tmp_path: Path) -> None:
+    message = config_error(write_params_text(tmp_path, "\nretrain:\n", "\nretrian:\n"))
+    assert "unknown key 'retrian'" in message and "Did you mean 'retrain'?" in message
+
+
+def test_a_top_level_list_is_refused_before_hydra_sees_it(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("- seed: 0\n- device: auto\n")
+    message = config_error(path)
+    assert "must be a mapping of sections" in message and "its top level is a list" in message
+    assert "ListConfig" not in message

@@ -9,7 +9,7 @@ fingerprint is discarded with a message, never reused. Files load with `torch.lo
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 import torch
+
+from pipeline.files import atomic_write_bytes
 
 RESUME_FORMAT = "tpp-pipeline/resume"
 RESUME_VERSION = 1
@@ -56,11 +58,10 @@ class ResumeFile:
 
     def save(self, state: Mapping[str, Any]) -> None:
         """Write atomically (temp file + rename): a kill during the write leaves the previous file intact."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        buffer = io.BytesIO()
         torch.save({"format": RESUME_FORMAT, "version": RESUME_VERSION, "fingerprint": self.fingerprint, **state},
-                   temporary)
-        os.replace(temporary, self.path)
+                   buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
 
     def remove(self) -> None:
         """Called once the phase's outputs are written: the state is no longer needed."""
