@@ -43,7 +43,8 @@ def pretrain(config: Config, architecture: Architecture, train: Batches, test: B
 
 def select(config: Config, dense: nn.Module, example_inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The filters every method removes: chosen once from the dense weights by the paper's rule."""
-    return select_filters(dense, config.layer_ratios(), config.prune.skip, example_inputs=example_inputs)
+    return select_filters(dense, config.layer_ratios(), config.prune.skip, example_inputs=example_inputs,
+                          round_to=config.prune.round_to)
 
 
 def prune(config: Config, dense: nn.Module, selection: Mapping[str, torch.Tensor], example_inputs: torch.Tensor,

@@ -252,32 +252,6 @@ def _send_artifact(client: MlflowClient, run_id: str, path: Path) -> None:
         client.log_artifact(run_id, str(path))
 
 
-class _Sender:
-    """A daemon thread that makes MLflow calls one at a time, in order. A call stuck on a server that never answers
-    only holds this thread, which the stage stops waiting for (and which ends with the process)."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
-
-    def submit(self, call: Callable[[], None]) -> None:
-        self._calls.put(call)
-
-    def wait(self, timeout: float | None) -> bool:
-        """Whether every call submitted so far finished within `timeout` seconds (None: however long it takes)."""
-        done = threading.Event()
-        self._calls.put(done.set)
-        return done.wait(timeout)
-
-    def close(self) -> None:
-        """Let the thread end once it is through the calls already submitted."""
-        self._calls.put(None)
-
-    def _loop(self) -> None:
-        while (call := self._calls.get()) is not None:
-            call()
-
-
 def _name_run(client: MlflowClient, run_id: str, name: str | None, tags: Mapping[str, str]) -> None:
     client.update_run(run_id, name=name)
     _send_tags(client, run_id, tags)
@@ -303,6 +277,32 @@ def _send_model(client: MlflowClient, run_id: str, uri: str, model: Any, input_e
                              signature=infer_signature(input_example, output), tags=dict(tags),
                              code_paths=[str(Path(pipeline.__file__).parent)],
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+class _Sender:
+    """A daemon thread that makes MLflow calls one at a time, in order. A call stuck on a server that never answers
+    only holds this thread, which the stage stops waiting for (and which ends with the process)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=name, daemon=True).start()
+
+    def submit(self, call: Callable[[], None]) -> None:
+        self._calls.put(call)
+
+    def wait(self, timeout: float | None) -> bool:
+        """Whether every call submitted so far finished within `timeout` seconds (None: however long it takes)."""
+        done = threading.Event()
+        self._calls.put(done.set)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Let the thread end once it is through the calls already submitted."""
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            call()
 
 
 class StageTracker:

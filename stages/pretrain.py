@@ -8,7 +8,7 @@ from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, resume_file, run_stage, \
-    write_history, write_json
+    stage_settings, write_history, write_json
 from pipeline.tracking import track_stage
 from pipeline.training.loop import evaluate
 
@@ -29,8 +29,8 @@ def main(config: Config) -> None:
         metrics = {"final_test_acc": accuracy, "best_test_acc": max([accuracy] + [r.test_acc for r in history]),
                    "params": count_parameters(model),
                    "macs": count_macs(model, architecture.example_inputs(runtime.device))}
-        digest = save_checkpoint(DENSE_CHECKPOINT, model, architecture, config=config_to_dict(config),
-                                 metrics=metrics)
+        digest = save_checkpoint(DENSE_CHECKPOINT, model, architecture,
+                                 config=stage_settings(config, "pretrain"), metrics=metrics)
         write_json(METRICS_DIR / "pretrain.json", metrics)
         write_history(PLOTS_DIR / "pretrain.csv", history)
         tracker.log_metrics(metrics)

@@ -9,7 +9,7 @@ from pipeline.pruning.methods import REGULARIZED_METHODS
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, prepare_run, \
-    resume_file, run_stage, write_history, write_json
+    resume_file, run_stage, stage_settings, write_history, write_json
 from pipeline.pruning.selection import pruning_summary
 from pipeline.pruning.regularizer import LambdaSchedule
 from pipeline.tracking import track_stage
@@ -40,7 +40,7 @@ def main(config: Config) -> None:
                    "params_ratio": params / dense_params, "speedup_macs": dense_macs / macs,
                    "pruned_filters": sum(layer["pruned"] for layer in summary.values()), **outcome.metrics}
         digest = save_checkpoint(PRUNED_CHECKPOINT, outcome.model, dense.architecture, pruned=outcome.pruned,
-                                 config=config_to_dict(config), metrics=metrics)
+                                 config=stage_settings(config, "prune"), metrics=metrics)
         write_json(METRICS_DIR / "prune.json", metrics)
         write_json(PRUNED_LAYERS, summary)
         write_history(PLOTS_DIR / "prune.csv", outcome.history)

@@ -6,7 +6,7 @@ from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkp
 from pipeline.config import Config, config_to_dict
 from pipeline.data import build_loaders
 from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, prepare_run, resume_file, \
-    run_stage, write_history, write_json
+    run_stage, stage_settings, write_history, write_json
 from pipeline.tracking import track_stage
 
 
@@ -24,7 +24,7 @@ def main(config: Config) -> None:
             return
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
         digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
-                                 config=config_to_dict(config), metrics=metrics)
+                                 config=stage_settings(config, "retrain"), metrics=metrics)
         write_json(METRICS_DIR / "retrain.json", metrics)
         write_history(PLOTS_DIR / "retrain.csv", history)
         tracker.log_metrics(metrics)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_repo import make_repo, run
+from tiny_repo import make_repo, run
 
 # No BatchNorm (per-process batch statistics would legitimately differ), so both runs compute the same function.
 SETTINGS = {"model.name": "mlp7_linear", "model.options": {}, "pretrain.epochs": 2, "pretrain.milestones": [1],

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-import urllib.error
 
 import pytest
 import torch
 from torch import nn
-from torchvision.models import WeightsEnum
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.models import available_models, create_model, register_model
 from pipeline.models.cifar_resnet import PadShortcut
 from pipeline.models.torchvision_models import TORCHVISION_NAMES
@@ -184,24 +182,3 @@ def test_registering_a_taken_name_fails() -> None:
 def test_torchvision_model_on_grayscale_data_asks_for_three_channels() -> None:
     with pytest.raises(ConfigError, match="data.channels: 3"):
         create_model("resnet18", 10, in_channels=1, image_size=8)
-
-
-def test_pretrained_without_internet_explains_where_weights_go(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(self: WeightsEnum, *args: object, **kwargs: object) -> dict:
-        raise urllib.error.URLError("Temporary failure in name resolution")
-
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(PipelineError) as caught:
-        create_model("resnet18", 10, pretrained=True)
-    message = str(caught.value)
-    assert "internet" in message
-    assert torch.hub.get_dir() in message
-
-
-def test_pretrained_weights_are_loaded_and_the_head_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
-    imagenet_state = create_model("resnet18", 1000).state_dict()
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", lambda self, *args, **kwargs: imagenet_state)
-    model = create_model("resnet18", 10, pretrained=True)
-    assert torch.equal(model.conv1.weight, imagenet_state["conv1.weight"])
-    assert model.fc.out_features == 10
-    assert _logits(model, 3, 32).shape == (2, 10)

@@ -18,14 +18,17 @@ from pipeline.settings import load_settings
 from pipeline.measure.cost import count_macs
 from pipeline.models import create_model
 from pipeline.pruning.surgery import prunable_layers, remove_filters
-from pipeline.pruning.selection import select_filters
+from pipeline import experiment
 from pipeline.pruning.regularizer import LambdaSchedule
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RESNET50_RECIPES = {"resnet50_imagenet_1.49x.yaml": 1.49, "resnet50_imagenet_2.31x.yaml": 2.31,
                     "resnet50_imagenet_2.56x.yaml": 2.56, "resnet50_imagenet_3.06x.yaml": 3.06}
 IMAGENET_RECIPES = {**RESNET50_RECIPES, "resnet34_imagenet_1.32x.yaml": 1.32}
-EXPECTED_RECIPES = {"resnet56_cifar10.yaml", "vgg19_cifar100.yaml", "mlp7_linear_mnist.yaml", *IMAGENET_RECIPES}
+# Variants with kept-filter counts aligned for GPU tensor cores, and the paper recipe each one aligns.
+ALIGNED_RECIPES = {"resnet50_imagenet_2.31x_round8.yaml": "resnet50_imagenet_2.31x.yaml"}
+EXPECTED_RECIPES = {"resnet56_cifar10.yaml", "vgg19_cifar100.yaml", "mlp7_linear_mnist.yaml", *IMAGENET_RECIPES,
+                    *ALIGNED_RECIPES}
 RESNET56_PAPER_SPEEDUP = {0.3: 1.45, 0.5: 1.99, 0.7: 3.59, 0.9: 11.4, 0.95: 19.3}   # Table 1
 SPEEDUP_TOLERANCE = 0.03
 PAPER_COUNTING_TOLERANCE = 0.005
@@ -53,15 +56,15 @@ def dense_model(config: Config) -> tuple[nn.Module, torch.Tensor]:
     """The recipe's network, randomly initialised (never downloading weights), and a one-sample input."""
     classes, channels, size = DATASET_INPUTS[config.data.name]
     channels, size = config.data.channels or channels, config.data.image_size or size
-    options = {key: value for key, value in config.model.options.items() if key != "pretrained"}
     torch.manual_seed(0)
-    model = create_model(config.model.name, classes, in_channels=channels, image_size=size, **options).eval()
+    model = create_model(config.model.name, classes, in_channels=channels, image_size=size,
+                         **config.model.options).eval()
     return model, torch.zeros(1, channels, size, size)
 
 
 def selected_filters(config: Config) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor]:
     model, example = dense_model(config)
-    return model, select_filters(model, config.layer_ratios(), config.prune.skip, example_inputs=example), example
+    return model, experiment.select(config, model, example), example
 
 
 def mac_speedup(config: Config, count: MacCounter = count_macs) -> float:
@@ -167,3 +170,14 @@ def test_mlp_prunes_every_hidden_layer_at_0_8():
     model, pruned, _ = selected_filters(recipe("mlp7_linear_mnist.yaml"))
     assert model.activation == "linear"
     assert {name: len(indices) for name, indices in pruned.items()} == {f"layers.{i}": 80 for i in range(6)}
+
+
+@pytest.mark.parametrize("name", sorted(ALIGNED_RECIPES))
+def test_aligned_variant_keeps_multiples_of_its_round_to_and_trades_a_little_speed_up(name):
+    config = recipe(name)
+    model, pruned, _ = selected_filters(config)
+    filters = {layer: module.weight.shape[0] for layer, module in prunable_layers(model).items()}
+    assert config.prune.round_to > 1 and pruned
+    assert all((filters[layer] - len(indices)) % config.prune.round_to == 0 for layer, indices in pruned.items())
+    paper = mac_speedup(recipe(ALIGNED_RECIPES[name]))
+    assert 0.85 * paper < mac_speedup(config) < paper

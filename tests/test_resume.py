@@ -13,13 +13,13 @@ from typing import Sequence
 import pytest
 import torch
 
-from tests.tiny_repo import environment, locked_outputs, make_repo, run, set_params, stages_ran, TINY
+from tiny_repo import environment, locked_outputs, make_repo, run, set_params, stages_ran, TINY
 
 # Long enough that a kill lands mid-epoch: the prune stage regularizes for 4 + 40 steps (23 steps an epoch).
 LONGER = {**TINY, "prune.reg.stabilize_steps": 40, "retrain.epochs": 3, "retrain.milestones": [2],
           "trainer.checkpoint_every": 3}
-# Outputs holding measured time, which differ between any two runs.
-TIMED_OUTPUTS = {"reports", "metrics/latency.json"}
+# Outputs holding measured time (latency, and the summary that quotes its speed-ups), which differ between runs.
+TIMED_OUTPUTS = {"reports", "metrics/latency.json", "metrics/summary.json"}
 
 
 @pytest.fixture(scope="module")
