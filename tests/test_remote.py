@@ -3,8 +3,6 @@
 `dvc repro` recomputes nothing."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ from typing import Sequence
 import pytest
 import torch
 
-from tiny_repo import environment, locked_outputs, make_repo, run, set_params, stages_ran, TINY
+from tiny_repo import TINY, environment, locked_outputs, make_repo, run, set_params
 
 # Long enough that a kill lands mid-epoch: the prune stage regularizes for 4 + 40 steps (23 steps an epoch).
 LONGER = {**TINY, "prune.reg.stabilize_steps": 40, "retrain.epochs": 3, "retrain.milestones": [2],

@@ -14,7 +14,8 @@ from pipeline.models import create_model
 from pipeline.pruning.regularizer import TPPRegularizer
 from pipeline.pruning.selection import select_filters
 from pipeline.runtime import Runtime
-from pipeline.training.loop import TrainingHooks, sgd, train_step
+from pipeline.training.loop import TrainingHooks, sgd
+from pipeline.training.step import train_step
 from pipeline.training.step import build_step
 
 CPU = torch.device("cpu")

@@ -18,51 +18,19 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from pipeline.errors import TrainingError
 from pipeline.progress import StageProgress
 from pipeline.runtime import Runtime, autocast
 from pipeline.training import distributed
+from pipeline.training.hooks import TrainingHooks
 from pipeline.training.state import ResumeFile, capture_rng, restore_rng
+from pipeline.training.step import StepFunction, build_step
 
 NAN_CHECK_INTERVAL = 200
 Batches = Iterable[Tuple[torch.Tensor, torch.Tensor]]
-StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CPU = torch.device("cpu")
-
-
-class TrainingHooks:
-    """Extension points of the training loop; every default does nothing."""
-
-    def extra_loss(self) -> Optional[torch.Tensor]:
-        """A term added to the task loss this step (e.g. TPP's decorrelation), or None."""
-        return None
-
-    def before_optimizer_step(self) -> None:
-        """Edit gradients after backward() (all-reduced under DDP, unscaled under fp16)."""
-
-    def after_optimizer_step(self) -> None:
-        """Advance schedules once the parameters have moved."""
-
-    def finished(self) -> bool:
-        """Stop the loop early (e.g. a regularization schedule that is complete)."""
-        return False
-
-    def epoch_metrics(self, model: nn.Module) -> Dict[str, float]:
-        """Extra measurements of the model at the end of each epoch (e.g. its trainability), logged with it."""
-        return {}
-
-    def state_dict(self) -> Dict[str, Any]:
-        """What a resumed run needs to continue the hooks' schedules exactly."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
-
-    def advice(self) -> str:
-        """Which settings to try when the loss diverges under these hooks (named in the error message)."""
-        return ""
 
 
 @dataclass(frozen=True)
@@ -114,26 +82,6 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, amp: str 
     return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
 
 
-def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler, hooks: TrainingHooks, device: torch.device,
-               amp: str) -> torch.Tensor:
-    """One eager SGD step; returns [loss·batch, correct] as a device tensor (no sync)."""
-    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-    with autocast(device, amp):
-        logits = model(inputs)
-    loss = nn.functional.cross_entropy(logits.float(), targets)
-    extra = hooks.extra_loss()
-    total = loss if extra is None else loss + extra
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(total).backward()
-    scaler.unscale_(optimizer)
-    hooks.before_optimizer_step()
-    scaler.step(optimizer)
-    scaler.update()
-    hooks.after_optimizer_step()
-    return torch.stack([loss.detach() * len(targets), (logits.argmax(dim=1) == targets).sum().float()])
-
-
 @dataclass
 class _Position:
     """Where the loop stands: the resumable part of its state that is not a module's."""
@@ -172,8 +120,6 @@ class Trainer:
 
     def _build_step(self) -> StepFunction:
         """The step as configured (eager, compiled or a CUDA graph), through DDP when several processes train."""
-        from pipeline.training.step import build_step
-
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
         forward = distributed.wrap(self.model, self.runtime.device, self.runtime.world_size)

@@ -21,7 +21,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import nn
 
-from pipeline.runtime import Runtime, check_graph_mode
+from pipeline.runtime import Runtime, autocast, check_graph_mode
+from pipeline.training.hooks import TrainingHooks
 
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WARMUP_STEPS = 3
@@ -43,11 +44,29 @@ class _WithoutAfterStep:
         """Deferred: `build_step` calls the real hooks' method after the compiled or captured part."""
 
 
+def train_step(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, hooks: TrainingHooks, device: torch.device,
+               amp: str) -> torch.Tensor:
+    """One eager SGD step; returns [loss·batch, correct] as a device tensor (no sync)."""
+    inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    with autocast(device, amp):
+        logits = model(inputs)
+    loss = nn.functional.cross_entropy(logits.float(), targets)
+    extra = hooks.extra_loss()
+    total = loss if extra is None else loss + extra
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.unscale_(optimizer)
+    hooks.before_optimizer_step()
+    scaler.step(optimizer)
+    scaler.update()
+    hooks.after_optimizer_step()
+    return torch.stack([loss.detach() * len(targets), (logits.argmax(dim=1) == targets).sum().float()])
+
+
 def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, hooks,
                runtime: Runtime) -> StepFunction:
     """A function (inputs, targets) → [loss·batch, correct] on the device that trains `model` one step."""
-    from pipeline.training.loop import train_step
-
     inner_hooks = _WithoutAfterStep(hooks)
 
     def update(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
