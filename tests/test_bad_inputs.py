@@ -136,7 +136,7 @@ def assert_one_paragraph(output: str, *fragments: str) -> None:
 # ---------------------------------------------------------------------------------------------------- settings
 SETTINGS_CASES = {
     "typo-in-key": (setting("prune.rati", 0.5), ["unknown key 'prune.rati'", "Did you mean 'prune.ratio'?"]),
-    "typo-in-section": (lambda p: p.update(retrian=p.pop("retrain")), ["missing key 'retrain'", "add it"]),
+    "typo-in-section": (lambda p: p.update(retrian=p.pop("retrain")), ["unknown key 'retrian'", "Did you mean 'retrain'?"]),
     "wrong-type": (setting("retrain.epochs", "ten"), ["'retrain.epochs'", "wrong type", "Expected int"]),
     "section-not-a-mapping": (setting("prune.reg", 0.5), ["'prune.reg' must be a mapping"]),
     "ratio-out-of-range": (setting("prune.ratio", 1.5), ["'prune.ratio' 1.5 is not a pruning ratio",
