@@ -35,7 +35,7 @@ study: data  ## run a study (methods x ratios x LRs x seeds): make study NAME=ta
 	$(PYTHON) -m pipeline.study studies/$(NAME).yaml
 
 test: setup  ## set up and run the fast test suite
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 ui: setup  ## browse the runs in the MLflow UI at http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -8,7 +8,9 @@ penalties after the gradient all-reduce, so all ranks stay identical; only rank 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from typing import Optional, Sequence, Tuple
@@ -21,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.errors import ConfigError
 
 WORLD_SIZE_VARIABLE = "WORLD_SIZE"
+PR_SET_PDEATHSIG = 1
 
 
 def under_launcher() -> bool:
@@ -33,7 +36,18 @@ def launch(devices: int, script: str, arguments: Sequence[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
                script, *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run(command, env=environment, check=False).returncode
+    return subprocess.run(command, env=environment, check=False, preexec_fn=die_with_parent).returncode
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies.
+
+    torchrun starts its workers in sessions of their own, so a `kill -9` of the stage (or of DVC) would leave them
+    training as orphans that race the next run for the resume file and the outputs. With this on torchrun and on
+    every worker, killing the stage kills the whole tree. A no-op off Linux.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def check_devices(devices: int, device: torch.device) -> None:
@@ -51,6 +65,7 @@ def start_process_group(device: torch.device) -> Tuple[int, int, torch.device]:
     """
     if not under_launcher() or int(os.environ[WORLD_SIZE_VARIABLE]) < 2:
         return 0, 1, device
+    die_with_parent()
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
