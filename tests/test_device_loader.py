@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torchvision import datasets
 from torchvision.transforms import functional as TF
 
@@ -21,6 +22,10 @@ from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, build_loaders
 from pipeline.data.device import DeviceBatches
 from pipeline.data.loaders import MAX_AUTO_WORKERS
 from pipeline.errors import ConfigError
+from pipeline.runtime import Runtime
+from pipeline.training.loop import fit, sgd
+from pipeline.training.state import ResumeFile
+from test_train import Crash, CrashAfter
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -231,3 +236,38 @@ def test_bad_loader_settings_are_config_errors_naming_the_key(edits, key):
 def test_shipped_params_use_auto_workers_and_loader():
     config = config_from_mapping(read_settings(REPO / "params.yaml"))
     assert (config.data.num_workers, config.data.loader) == ("auto", "auto")
+
+
+def trained_on_cifar(data: Path, run: Path, workers: int, hooks: CrashAfter) -> nn.Module:
+    """A seeded conv net trained 2 epochs on augmented CIFAR batches from DataLoader workers (10 batches an epoch),
+    a resume file written every 4 steps."""
+    config = DataConfig(name="cifar10", root=str(data), loader="workers", num_workers=workers, augment=True)
+    train, test, _ = build_loaders(config, batch_size=20, seed=5, device=CPU)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    resume = ResumeFile(run / "resume.pt", "same", announce=lambda line: None)
+    fit(model, train, test, sgd(model, 0.05, 0.9, 0.0), runtime=Runtime(CPU, checkpoint_every=4), epochs=2,
+        hooks=hooks, resume=resume)
+    return model
+
+
+def test_dataloader_training_resumed_with_fresh_workers_equals_one_without_workers(tmp_path, monkeypatch):
+    """Each sample's crop and flip are seeded by (seed, epoch, sample): neither the worker count nor restarted
+    persistent workers change them, and the resumed epoch skips its first batches without loading them."""
+    write_cifar10(tmp_path / "data", monkeypatch)
+    reference = trained_on_cifar(tmp_path / "data", tmp_path / "reference", 0, CrashAfter())
+    with pytest.raises(Crash):
+        trained_on_cifar(tmp_path / "data", tmp_path / "run", 2, CrashAfter(crash_at=13))
+    saved = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"], saved["batch"]) == (12, 2, 2)
+    resumed = trained_on_cifar(tmp_path / "data", tmp_path / "run", 2, CrashAfter())
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_each_epoch_draws_new_augmentation_when_iterated_without_the_training_loop(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, monkeypatch)
+    train, _, _ = cifar_loaders(tmp_path, "workers", augment=True)
+    by_epoch = [{decode(pixels)[0]: decode(pixels)[1:] for inputs, _ in train for pixels in as_uint8(inputs)}
+                for _ in range(2)]
+    assert by_epoch[0].keys() == by_epoch[1].keys() and by_epoch[0] != by_epoch[1]

@@ -10,7 +10,8 @@
 
 `data.loader` chooses how mnist and cifar are served: `device` keeps the whole dataset in device memory as uint8
 and augments there (`pipeline.data.device`), `workers` uses DataLoader worker processes (`data.num_workers`,
-`auto` = the machine's cores, at most 8) with pinned memory; `auto` is `device` on CUDA and `workers` elsewhere.
+`auto` = the machine's cores, at most 8) with pinned memory, each sample's augmentation seeded by the run's seed,
+the epoch and the sample (`pipeline.data.sample_seeds`); `auto` is `device` on CUDA and `workers` elsewhere.
 
 Missing or unreadable data raises a `DataError` that says how to get it; DVC tracks the data folder.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -28,11 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torchvision import datasets, transforms
 
 from pipeline.config import DataConfig
 from pipeline.data.device import DeviceBatches
+from pipeline.data.sample_seeds import SeededDataset, SeededSamples
 from pipeline.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -358,8 +359,7 @@ def _open(factory: Callable[[bool], Dataset], download: bool, source: _Source) -
 def worker_count(setting: int | str) -> int:
     """`data.num_workers` as a number: `auto` is the cores this process may use, at most MAX_AUTO_WORKERS.
 
-    With workers, the augmentation each sample gets depends on the worker count, so `auto` ties results to the
-    machine; a fixed count keeps them identical across machines.
+    The count changes only speed: each sample's augmentation is seeded by the sample itself (`SeededSamples`).
     """
     if setting != "auto":
         return int(setting)
@@ -386,31 +386,24 @@ def _device_batches(train_images: Tensor, train_targets: Tensor, test_images: Te
 
 def _dataloaders(train_set: Dataset, test_set: Dataset, config: DataConfig,
                  feed: _Feed) -> tuple[DataLoader, DataLoader]:
-    """DataLoaders whose shuffling and worker randomness (augmentation) depend only on the seed; under DDP the
-    train split goes through a DistributedSampler (same seed on every process, one shard each). Workers persist
-    across epochs and batches go to a CUDA device through pinned memory."""
+    """DataLoaders whose shuffling and augmentation depend only on the seed, the epoch and the sample
+    (`SeededSamples`), never on the worker count or a resume; under DDP the train order is a DistributedSampler's
+    (same seed on every process, one shard each). Workers persist across epochs and batches go to a CUDA device
+    through pinned memory."""
     workers = worker_count(config.num_workers)
 
-    def loader(dataset: Dataset, batch_size: int, shuffle: bool, sampler: Optional[Sampler] = None) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                          generator=torch.Generator().manual_seed(feed.seed), worker_init_fn=_seed_worker,
-                          num_workers=workers, pin_memory=feed.device.type == "cuda",
-                          persistent_workers=workers > 0, drop_last=False)
+    def loader(dataset: Dataset, batch_size: int, sampler: Optional[Sampler] = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                          generator=torch.Generator().manual_seed(feed.seed),
+                          pin_memory=feed.device.type == "cuda", persistent_workers=workers > 0, drop_last=False)
 
     if feed.world_size > 1:
-        sampler = DistributedSampler(train_set, num_replicas=feed.world_size, rank=feed.rank, shuffle=True,
-                                     seed=feed.seed)
-        train = loader(train_set, feed.batch_size // feed.world_size, True, sampler)
+        order: Sampler = DistributedSampler(train_set, num_replicas=feed.world_size, rank=feed.rank, shuffle=True,
+                                            seed=feed.seed)
     else:
-        train = loader(train_set, feed.batch_size, True)
-    return train, loader(test_set, config.eval_batch_size, False)
-
-
-def _seed_worker(worker_id: int) -> None:
-    """Seed numpy and random in a DataLoader worker from its torch seed, which the loader's generator fixes."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+        order = RandomSampler(train_set, generator=torch.Generator().manual_seed(feed.seed))
+    train = loader(SeededDataset(train_set), feed.batch_size // feed.world_size, SeededSamples(order, feed.seed))
+    return train, loader(test_set, config.eval_batch_size)
 
 
 def _output_channels(native: int, requested: Optional[int], dataset: str) -> int:

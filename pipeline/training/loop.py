@@ -230,8 +230,8 @@ class Trainer:
         """Load a matching resume file into the model, optimizer, scheduler, hooks and RNGs; return the saved
         generator state of the interrupted epoch's order (None at an epoch boundary or without a file).
 
-        The RNGs are restored only once the interrupted epoch's first batches have been skipped, because a
-        DataLoader without workers draws their augmentation from the global RNG while producing them."""
+        The RNGs are restored only once the interrupted epoch's first batches have been skipped, because batches
+        that are produced to be dropped may draw from the global RNG."""
         state = self.resume.load() if self.resume is not None else None
         if state is None:
             return None
@@ -252,15 +252,16 @@ class Trainer:
 
 
 def _start_epoch(batches: Batches, epoch: int, order_state: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Fix this epoch's sample order and return the generator state that reproduces it.
+    """Fix this epoch's sample order (and a seeded sampler's augmentation draws); return the generator state
+    that reproduces the order.
 
-    Restoring `order_state` (from a resume file) makes the interrupted epoch draw the same order again. A
-    DistributedSampler's order depends only on its seed and the epoch, so it is told the epoch instead.
+    Restoring `order_state` (from a resume file) makes the interrupted epoch draw the same order again. A sampler
+    with `set_epoch` (a DistributedSampler, whose order depends only on its seed and the epoch, or the
+    `SeededSamples` of a DataLoader) is told the epoch.
     """
     sampler = getattr(batches, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
+    if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-        return None
     generator = _order_generator(batches)
     if generator is None:
         return None
@@ -270,19 +271,25 @@ def _start_epoch(batches: Batches, epoch: int, order_state: Optional[torch.Tenso
 
 
 def _order_generator(batches: Batches) -> Optional[torch.Generator]:
-    """The generator that draws an epoch's order: TensorBatches' own, or a DataLoader's."""
-    generator = getattr(batches, "generator", None)
+    """The generator that draws an epoch's order: a DataLoader's sampler's (none for a DistributedSampler), or
+    in-memory batches' own."""
+    owner = getattr(batches, "sampler", batches)
+    generator = getattr(owner, "generator", None)
     return generator if isinstance(generator, torch.Generator) else None
 
 
 def _skip(batches: Batches, count: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's batches after the first `count` (already trained before a resume).
 
-    TensorBatches skip without producing them; a DataLoader produces and drops them, which keeps the workers'
-    random augmentation in step with an uninterrupted run.
+    In-memory batches and a DataLoader whose sampler seeds each sample skip without producing them; any other
+    iterable produces and drops them.
     """
     if count and hasattr(batches, "iterate_from"):
         return iter(batches.iterate_from(count))
+    sampler = getattr(batches, "sampler", None)
+    if count and hasattr(sampler, "skip_next"):
+        sampler.skip_next(count * batches.batch_size)
+        return iter(batches)
     iterator = iter(batches)
     for _ in range(count):
         next(iterator)
