@@ -101,13 +101,16 @@ def check_graph_mode(amp: str, processes: int) -> None:
 
 
 def configure_numerics(trainer: TrainerConfig, device: torch.device) -> None:
-    """TF32 only when asked; deterministic algorithms when asked (CPU kernels are deterministic already)."""
+    """TF32 only when asked. On CUDA, cuDNN autotunes its convolution algorithms (the fixed batch shapes of a
+    training run make that pay at once) unless deterministic algorithms are asked for; CPU kernels are
+    deterministic already. Every flag is set both ways, so a study's later runs never inherit an earlier one's."""
+    deterministic = trainer.deterministic and device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = trainer.tf32
     torch.backends.cudnn.allow_tf32 = trainer.tf32
-    if trainer.deterministic and device.type == "cuda":
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def autocast(device: torch.device, amp: str) -> ContextManager:

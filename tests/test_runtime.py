@@ -41,10 +41,16 @@ def test_tf32_follows_the_setting():
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="deterministic algorithms are a CUDA setting")
-def test_deterministic_turns_on_pytorch_deterministic_algorithms():
+def test_cuda_autotunes_convolutions_unless_deterministic_and_a_later_run_inherits_nothing():
+    """Only flags are set, so a CUDA device object is enough to check them on any machine."""
+    cuda = torch.device("cuda")
     try:
-        configure_numerics(TrainerConfig(deterministic=True), torch.device("cuda"))
+        configure_numerics(TrainerConfig(), cuda)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        configure_numerics(TrainerConfig(deterministic=True), cuda)
         assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        configure_numerics(TrainerConfig(), CPU)
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = False
