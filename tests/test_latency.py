@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.measure.latency import (LatencyComparison, compare, environment, interleaved_times,
-                                      interquartile_range, measure_targets)
+from pipeline.measure.latency import (LatencyComparison, compare, environment, graphed_forward, interleaved_times,
+                                      interquartile_range, measure_targets, torch_forward)
 from pipeline.pruning.selection import select_filters
 from pipeline.pruning.surgery import remove_filters
 from pipeline.report import latency_record, latency_table, summary_record
@@ -63,13 +63,34 @@ def test_measure_targets_times_eager_and_onnxruntime_at_each_batch_and_leaves_mo
     assert all(torch.equal(value, state[key]) for key, value in dense.state_dict().items())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile target and CUDA timing need a GPU")
-def test_cuda_adds_the_compiled_target_in_bf16_channels_last():
+def test_a_subset_of_targets_is_timed_alone_and_cuda_only_targets_are_refused_on_the_cpu():
+    dense, pruned = dense_and_pruned()
+    results = measure_targets(dense, pruned, EXAMPLE, torch.device("cpu"), "fp32", [2], repeats=2,
+                              targets=["eager"])
+    assert [(r.target, r.batch_size) for r in results] == [("eager_cpu", 2)]
+    with pytest.raises(ValueError, match=r"\['graph'\] are not available on cpu.*need CUDA"):
+        measure_targets(dense, pruned, EXAMPLE, torch.device("cpu"), "fp32", [2], repeats=2, targets=["graph"])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs, torch.compile and CUDA timing "
+                                                                       "need a GPU")
+
+
+@needs_cuda
+def test_cuda_adds_the_graph_and_compiled_targets_in_bf16_channels_last():
     dense, pruned = dense_and_pruned()
     results = measure_targets(dense, pruned, EXAMPLE, torch.device("cuda"), "bf16", [1, 64], repeats=3,
                               channels_last=True)
-    assert {r.target for r in results} == {"eager_cuda", "onnxruntime_cpu", "compile_cuda"}
+    assert [r.target for r in results] == ["eager_cuda", "onnxruntime_cpu", "graph_cuda", "compile_cuda"] * 2
     assert environment(torch.device("cuda"))["cuda"] is not None
+
+
+@needs_cuda
+def test_a_replayed_graph_computes_what_the_eager_forward_computes(exact_cuda_float32):
+    model = small_cnn().cuda()
+    batch = torch.randn(16, 3, 8, 8, device="cuda")
+    replay = graphed_forward(model, batch, "fp32")
+    assert torch.allclose(replay(), torch_forward(model, batch, "fp32")(), atol=1e-5)
 
 
 def test_records_keep_times_apart_and_summarise_the_compared_numbers():

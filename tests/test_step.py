@@ -119,7 +119,7 @@ def test_graph_mode_refuses_what_a_captured_graph_cannot_replay(runtime, key):
 
 @needs_cuda
 @pytest.mark.parametrize("amp", ["fp32", "bf16"])
-def test_graphed_step_equals_eager_on_cuda(amp):
+def test_graphed_step_equals_eager_on_cuda(amp, exact_cuda_float32):
     """Warm-up, capture, replays, a re-capture after an LR change and an eager partial batch."""
     cuda = torch.device("cuda")
     data = batches([32] * 8 + [7], device=cuda)
@@ -132,7 +132,7 @@ def test_graphed_step_equals_eager_on_cuda(amp):
 
 
 @needs_cuda
-def test_compiled_step_equals_eager_on_cuda():
+def test_compiled_step_equals_eager_on_cuda(exact_cuda_float32):
     cuda = torch.device("cuda")
     data = batches([32] * 4 + [7], device=cuda)
     eager, _ = train("eager", data, device=cuda, channels_last=True)

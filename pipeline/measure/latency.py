@@ -1,5 +1,6 @@
 """Dense versus pruned latency where the network runs: eager PyTorch on the evaluation device, ONNX Runtime on the
-CPU and, with CUDA, `torch.compile`; at batch 1 and a throughput batch.
+CPU and, with CUDA, the forward replayed as one CUDA graph and the forward compiled by `torch.compile`; at batch 1
+and a throughput batch.
 
 Both networks are measured in their deployment form (eval mode, BatchNorm folded), interleaved round by round in
 alternating order so load drifts on a shared machine hit both alike, after warm-up calls that are not timed
@@ -28,6 +29,7 @@ from pipeline.runtime import autocast
 
 Forward = Callable[[], object]
 WARMUP_CALLS = 3
+TARGETS = ("eager", "onnxruntime", "graph", "compile")
 
 
 @dataclass(frozen=True)
@@ -102,36 +104,87 @@ def onnx_forward(path: Path, batch: np.ndarray) -> Forward:
     return lambda: run_onnx(session, batch)
 
 
+def graphed_forward(model: nn.Module, batch: torch.Tensor, amp: str) -> Forward:
+    """The forward captured once as a CUDA graph and replayed: the network's kernels without a launch per layer,
+    as a deployment runtime that plans the whole network runs them.
+
+    Warm-up calls run on a side stream first (cuDNN picks its algorithms, the allocator settles), as captures
+    want; autocast's weight-cast cache is off inside the capture, whose casts must not outlive it.
+    """
+    static_batch = batch.clone()
+    forward = torch_forward(model, static_batch, amp)
+    current, side = torch.cuda.current_stream(batch.device), torch.cuda.Stream(batch.device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_CALLS):
+            forward()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.autocast(device_type="cuda", enabled=False, cache_enabled=False), torch.cuda.graph(graph):
+        static_output = forward()
+
+    def replay() -> object:
+        graph.replay()
+        return static_output
+
+    return replay
+
+
+def available_targets(device: torch.device) -> Tuple[str, ...]:
+    """The deployment targets this machine can time: eager on `device` and ONNX Runtime on the CPU everywhere;
+    with CUDA also the forward replayed as a CUDA graph and the forward compiled by `torch.compile`."""
+    return TARGETS if device.type == "cuda" else TARGETS[:2]
+
+
 def measure_targets(dense: nn.Module, pruned: nn.Module, example: torch.Tensor, device: torch.device, amp: str,
                     batch_sizes: Sequence[int], repeats: int, channels_last: bool = False,
-                    pruned_onnx: Optional[Path] = None) -> List[LatencyComparison]:
-    """Dense vs pruned at every batch size on every target this machine has; both BN-folded.
+                    pruned_onnx: Optional[Path] = None,
+                    targets: Optional[Sequence[str]] = None) -> List[LatencyComparison]:
+    """Dense vs pruned at every batch size on each of `targets` (default: all `available_targets`); both
+    BN-folded. A target is reported as `<target>_<where it runs>`, e.g. `eager_cuda`, `onnxruntime_cpu`.
 
     `pruned_onnx` reuses an already exported (folded) pruned network; the dense one is exported to a temporary file.
     """
+    targets = _checked_targets(targets, device)
     memory_format = torch.channels_last if channels_last and example.dim() == 4 else torch.contiguous_format
     folded = {name: fold_batchnorm(model).to(device, memory_format=memory_format)
               for name, model in (("dense", dense), ("pruned", pruned))}
     synchronize = _synchronizer(device)
     results = []
     with tempfile.TemporaryDirectory() as folder:
-        onnx_files = {"dense": export_onnx(folded["dense"], example, Path(folder) / "dense.onnx"),
-                      "pruned": pruned_onnx or export_onnx(folded["pruned"], example, Path(folder) / "pruned.onnx")}
+        if "onnxruntime" in targets:
+            onnx_files = {"dense": export_onnx(folded["dense"], example, Path(folder) / "dense.onnx"),
+                          "pruned": pruned_onnx or export_onnx(folded["pruned"], example,
+                                                               Path(folder) / "pruned.onnx")}
         for batch_size in batch_sizes:
             batch = _batch(example, batch_size).to(device, memory_format=memory_format)
-            results.append(compare(f"eager_{device.type}", batch_size,
-                                   *(torch_forward(folded[side], batch, amp) for side in ("dense", "pruned")),
-                                   repeats, synchronize))
             host = _batch(example, batch_size).cpu().float().numpy()
-            results.append(compare("onnxruntime_cpu", batch_size,
-                                   *(onnx_forward(onnx_files[side], host) for side in ("dense", "pruned")),
-                                   repeats, lambda: None))
-            if device.type == "cuda":
-                compiled = {side: torch.compile(folded[side], dynamic=False) for side in ("dense", "pruned")}
-                results.append(compare(f"compile_{device.type}", batch_size,
-                                       *(torch_forward(compiled[side], batch, amp) for side in ("dense", "pruned")),
-                                       repeats, synchronize))
+            for target in targets:
+                if target == "onnxruntime":
+                    forwards = [onnx_forward(onnx_files[side], host) for side in ("dense", "pruned")]
+                    results.append(compare("onnxruntime_cpu", batch_size, *forwards, repeats, lambda: None))
+                    continue
+                if target == "eager":
+                    forwards = [torch_forward(folded[side], batch, amp) for side in ("dense", "pruned")]
+                elif target == "graph":
+                    forwards = [graphed_forward(folded[side], batch, amp) for side in ("dense", "pruned")]
+                else:
+                    forwards = [torch_forward(torch.compile(folded[side], dynamic=False), batch, amp)
+                                for side in ("dense", "pruned")]
+                results.append(compare(f"{target}_{device.type}", batch_size, *forwards, repeats, synchronize))
     return results
+
+
+def _checked_targets(targets: Optional[Sequence[str]], device: torch.device) -> Tuple[str, ...]:
+    """The requested targets in their canonical order, refusing names that do not exist or need CUDA."""
+    available = available_targets(device)
+    if targets is None:
+        return available
+    unknown = [target for target in targets if target not in available]
+    if unknown:
+        raise ValueError(f"latency targets {unknown} are not available on {device.type}; "
+                         f"this machine can time {list(available)} (graph and compile need CUDA)")
+    return tuple(target for target in available if target in targets)
 
 
 def latency_pair(dense: nn.Module, pruned: nn.Module, batch: torch.Tensor, repeats: int) -> Tuple[float, float]:
