@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run recipe study test ui bench clean
+.PHONY: setup data run recipe study test ui bench device-wheels clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,6 +42,14 @@ ui: setup  ## browse the runs in the MLflow UI at http://127.0.0.1:$(MLFLOW_PORT
 
 bench: setup  ## TPP step overhead and pruned-vs-dense latency (prints figures)
 	$(PYTHON) benchmarks/tpp_overhead.py
+
+# A lent GPU machine has torch, pytest, onnx(runtime), rich and scikit-learn but no registry: it gets the rest as
+# wheels (antlr4's is built here from its sdist). Carry .whl/ and run benchmarks/device_check.sh there.
+device-wheels: setup  ## wheels a GPU machine without a registry lacks, in .whl/ (see README: GPU checks)
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl $$(grep -E '^(torch-pruning|hydra-core|omegaconf)==' requirements.lock)
+	$(PYTHON) -m pip wheel --quiet --no-deps -w .whl $$(grep -E '^antlr4-python3-runtime==' requirements.lock)
 
 clean:  ## remove pipeline outputs (they stay in the DVC cache)
 	rm -rf models metrics plots reports

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from pipeline.config import DataConfig, PruneConfig, RegularizerConfig
+from pipeline.config import DataConfig, PruneConfig, RegularizerConfig, TrainerConfig
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.measure.latency import latency_pair
@@ -42,7 +42,7 @@ from pipeline.models import create_model
 from pipeline.pruning.regularizer import LambdaSchedule, TPPRegularizer
 from pipeline.pruning.selection import select_filters
 from pipeline.pruning.surgery import remove_filters
-from pipeline.runtime import Runtime, resolve_device
+from pipeline.runtime import Runtime, configure_numerics, resolve_device
 from pipeline.training.loop import TrainingHooks, fit, sgd
 from pipeline.training.step import build_step
 
@@ -383,7 +383,8 @@ def environment(device: torch.device) -> Dict[str, object]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
             "torch_pruning": metadata.version("torch-pruning"), "python": platform.python_version(),
-            "device": f"{device} ({name})", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            "device": f"{device} ({name})", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
 def environment_table(env: Mapping[str, object]) -> Table:
@@ -451,6 +452,7 @@ def inference_table(rows: Sequence[InferenceRow], batch_size: int) -> Table:
 def main() -> None:
     args = parse_args()
     device = resolve_device(args.device)
+    configure_numerics(TrainerConfig(), device)
     console = Console()
     env = environment(device)
     console.print(environment_table(env))
