@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import RegularizerConfig
 from pipeline.errors import ConfigError
@@ -14,7 +16,7 @@ from pipeline.models import create_model
 from pipeline.pruning.regularizer import TPPRegularizer
 from pipeline.pruning.selection import select_filters
 from pipeline.runtime import Runtime
-from pipeline.training.loop import TrainingHooks, sgd
+from pipeline.training.loop import TrainingHooks, fit, sgd
 from pipeline.training.step import train_step
 from pipeline.training.step import build_step
 
@@ -138,3 +140,18 @@ def test_compiled_step_equals_eager_on_cuda(exact_cuda_float32):
     eager, _ = train("eager", data, device=cuda, channels_last=True)
     compiled, _ = train("compile", data, device=cuda, channels_last=True)
     assert_close_models(compiled, eager, atol=1e-4)
+
+
+@needs_cuda
+def test_graph_capture_survives_a_pinning_dataloader_thread():
+    """A DataLoader with pinned memory stages batches from its own thread while the step is captured; the capture
+    is thread-local, so those CUDA calls neither break it nor end up in it."""
+    cuda = torch.device("cuda")
+    generator = torch.Generator().manual_seed(0)
+    dataset = TensorDataset(torch.randn(640, 1, 8, 8, generator=generator), torch.randint(0, 4, (640,),
+                                                                                          generator=generator))
+    train = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, pin_memory=True, generator=generator)
+    model = tiny_resnet(cuda)
+    runtime = Runtime(cuda, amp="bf16", step="graph", channels_last=True)
+    history = fit(model, train, [], sgd(model, 0.05, 0.9, 5e-4), runtime=runtime, epochs=3)
+    assert len(history) == 3 and all(math.isfinite(record.train_loss) for record in history)

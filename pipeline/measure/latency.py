@@ -120,7 +120,8 @@ def graphed_forward(model: nn.Module, batch: torch.Tensor, amp: str) -> Forward:
             forward()
     current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.autocast(device_type="cuda", enabled=False, cache_enabled=False), torch.cuda.graph(graph):
+    with torch.autocast(device_type="cuda", enabled=False, cache_enabled=False), \
+            torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_output = forward()
 
     def replay() -> object:

@@ -152,7 +152,9 @@ class _GraphedStep:
     def _capture(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Record the step on static copies of this batch; nothing runs until the first replay.
 
-        Autocast's weight-cast cache is switched off inside the capture: cached casts must not outlive it.
+        Autocast's weight-cast cache is switched off inside the capture: cached casts must not outlive it. The
+        capture is thread-local: a DataLoader's pin-memory thread allocating pinned buffers meanwhile (a CUDA call
+        from another thread) would otherwise invalidate it, and its own work does not belong in the graph.
         """
         self.graph = None
         self.static = ()
@@ -160,6 +162,6 @@ class _GraphedStep:
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type="cuda", enabled=False, cache_enabled=False):
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_totals = self.update(static_inputs, static_targets)
         self.graph, self.static, self.captured_lrs = graph, (static_inputs, static_targets, static_totals), self._lrs()
