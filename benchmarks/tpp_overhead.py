@@ -310,10 +310,12 @@ class _TimedHooks(TrainingHooks):
 
 
 def pipeline_plan(device: torch.device, amp: str, fast: str) -> List[Tuple[str, str, str, str]]:
-    """(variant, data.loader, trainer.step, amp) rows: the pipeline's fast path, its eager path, the reference."""
+    """(variant, data.loader, trainer.step, amp) rows: the pipeline's fast path on both loaders (a captured step
+    fed by pinning DataLoader workers is the ImageNet path), its eager path, the reference."""
     fast_mode = "graph" if device.type == "cuda" and fast == "graph" else "eager"
-    return [("tpp", "device", fast_mode, amp), ("tpp", "workers", "eager", amp),
-            ("reference", "workers", "eager", "fp32")]
+    fast_rows = [("tpp", "device", fast_mode, amp)] + ([("tpp", "workers", fast_mode, amp)] if fast_mode != "eager"
+                                                       else [])
+    return fast_rows + [("tpp", "workers", "eager", amp), ("reference", "workers", "eager", "fp32")]
 
 
 def pipeline_row(root: Path, variant: str, loader: str, mode: str, amp: str, args: argparse.Namespace,
