@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run recipe study test ui bench device-wheels clean
+.PHONY: setup data run recipe study test test-slow ui bench device-wheels clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,8 +34,11 @@ study: data  ## run a study (methods x ratios x LRs x seeds): make study NAME=ta
 	@test -f studies/$(NAME).yaml || { echo "No study 'studies/$(NAME).yaml'. Available: $$(cd studies && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }
 	$(PYTHON) -m pipeline.study studies/$(NAME).yaml
 
-test: setup  ## set up and run the fast test suite
+test: setup  ## set up and run the default test suite (a few minutes on 2 cores)
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+
+test-slow: setup  ## the tests marked slow: whole `dvc repro` runs, kills and resumes, remotes, DDP, studies (CI runs them too)
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile -m slow
 
 ui: setup  ## browse the runs in the MLflow UI at http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -38,6 +38,7 @@ def repo(tmp_path_factory) -> Path:
     return make_repo(tmp_path_factory.mktemp("distributed"), SETTINGS)
 
 
+@pytest.mark.slow  # a stage run once alone and once under torchrun with 2 processes: about 1 min each
 @pytest.mark.parametrize("stage, output", [("pretrain", "models/dense.pt"), ("prune", "models/pruned.pt")])
 def test_two_processes_equal_one_with_the_same_global_batch(repo: Path, stage: str, output: str) -> None:
     tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}

@@ -20,6 +20,10 @@ from pipeline.settings import load_settings
 from pipeline.tracking import DRAIN_TIMEOUT_S, OPEN_TIMEOUT_S
 from tiny_repo import VENV_BIN, make_repo, run, set_params, stages_ran
 
+# Slow (minutes): whole `dvc repro` runs of the pipeline, reruns after edits and tracking servers.
+# `make test-slow` and CI run them.
+pytestmark = pytest.mark.slow
+
 STAGES = ("pretrain", "prune", "retrain", "evaluate")
 OUTPUTS = ("models", "metrics", "plots", "reports", "settings", "dvc.lock")
 

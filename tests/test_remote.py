@@ -10,6 +10,10 @@ import torch
 from pipeline.checkpoint import load_checkpoint
 from tiny_repo import make_repo, run, stages_ran
 
+# Slow (minutes): a whole pipeline run, `dvc push` and a fresh clone's `dvc pull`.
+# `make test-slow` and CI run them.
+pytestmark = pytest.mark.slow
+
 SHARED_OUTPUTS = ("models/dense.pt", "models/pruned.pt", "models/final.pt", "models/final.onnx",
                   "models/pruned_layers.json", "metrics/evaluate.json", "metrics/latency.json",
                   "metrics/summary.json", "reports/report.md", "plots/retrain.csv")

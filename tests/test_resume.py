@@ -15,6 +15,10 @@ import torch
 
 from tiny_repo import TINY, environment, locked_outputs, make_repo, run, set_params
 
+# Slow (minutes): real `dvc repro` runs killed mid-stage and rerun.
+# `make test-slow` and CI run them.
+pytestmark = pytest.mark.slow
+
 # Long enough that a kill lands mid-epoch: the prune stage regularizes for 4 + 40 steps (23 steps an epoch).
 LONGER = {**TINY, "prune.reg.stabilize_steps": 40, "retrain.epochs": 3, "retrain.milestones": [2],
           "trainer.checkpoint_every": 3}

@@ -47,6 +47,7 @@ def write_study(folder: Path, **changes: Any) -> Path:
     return path
 
 
+@pytest.mark.slow  # computes a whole grid
 def test_study_writes_the_table_figures_and_one_mlflow_run_per_cell(project: Path) -> None:
     output = run_study(write_study(project), project / "out", root=project)
 
@@ -76,6 +77,7 @@ def test_study_writes_the_table_figures_and_one_mlflow_run_per_cell(project: Pat
     assert len(client.get_metric_history(cell.info.run_id, "mean_jsv")) == 2
 
 
+@pytest.mark.slow  # computes a grid, then a wider one
 def test_rerun_reuses_every_cell_and_a_wider_grid_computes_only_what_is_new(project: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     run_study(write_study(project), project / "out", root=project)
@@ -98,6 +100,7 @@ def test_rerun_reuses_every_cell_and_a_wider_grid_computes_only_what_is_new(proj
     assert len((project / "out" / "cells.csv").read_text().splitlines()) == 1 + 2 * 3 * 2
 
 
+@pytest.mark.slow  # a grid computed twice
 def test_an_unusable_cache_file_is_rebuilt_with_a_warning(project: Path) -> None:
     study = write_study(project, methods={"L1": {"prune.method": "l1"}}, ratios=[0.5],
                         retrain={"fast": {"retrain.lr": 0.01}})
@@ -128,6 +131,7 @@ def test_renamed_rows_reuse_their_cells_under_the_new_names(project: Path, monke
     assert "| L1 (Li et al.) |" in (output / "report.md").read_text()
 
 
+@pytest.mark.slow  # a study cell and a whole pipeline run
 def test_a_study_cell_equals_the_pipeline_run_with_its_settings(project: Path) -> None:
     study = write_study(project, methods={"TPP": {"prune.method": "tpp"}}, ratios=[0.9],
                         retrain={"slow": {"retrain.lr": 0.001}}, seeds=[3])
