@@ -50,6 +50,7 @@ HTTP_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUES
 REMOTE_SCHEMES = ("http", "https", "databricks")
 DVC_EXPERIMENTS_FOLDER = ".dvc/tmp/exps"
 INVALID_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
+MODEL_EXAMPLE_BATCH = 2  # torch.export, which MLflow saves models with, fixes a batch of 1
 
 Entity = TypeVar("Entity")
 
@@ -260,14 +261,20 @@ def _name_run(client: MlflowClient, run_id: str, name: str | None, tags: Mapping
 def _send_model(client: MlflowClient, run_id: str, uri: str, model: Any, input_example: Any,
                 tags: Mapping[str, str]) -> None:
     """mlflow.pytorch.log_model into the run's experiment, with the pipeline's code (the classes the pickled model
-    needs) and pinned requirements (MLflow's inference of them would load the model in a subprocess)."""
+    needs) and pinned requirements (MLflow's inference of them would load the model in a subprocess).
+
+    MLflow's default format exports the model with torch.export, which fixes every dimension of size 1 in the
+    input example: an example of one image would give a model that refuses any other batch size, so the example
+    holds `MODEL_EXAMPLE_BATCH` copies of it."""
     import mlflow
     import mlflow.pytorch
+    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
     import pipeline
 
+    input_example = np.repeat(input_example[:1], MODEL_EXAMPLE_BATCH, axis=0)
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(torch.from_numpy(input_example)).numpy()
