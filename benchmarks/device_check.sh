@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$python" -c "import torch, torch_pruning, hydra; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 part cuda_tests 200 "$python" -m pytest -q -p no:cacheprovider -n 3 -rs \
-    tests/test_step.py tests/test_latency.py tests/test_checkpoint.py tests/test_runtime.py -k "cuda or replayed_graph"
+    tests/test_step.py tests/test_latency.py tests/test_checkpoint.py tests/test_runtime.py -k "cuda or graph"
 part tpp_overhead 230 "$python" benchmarks/tpp_overhead.py --device cuda --models resnet56 resnet50 --steps 32 \
     --json "$out/tpp_overhead.json"
 part pruned_latency 120 "$python" benchmarks/pruned_latency.py --device cuda --networks resnet50_2.31x resnet56_0.9 \
