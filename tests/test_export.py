@@ -1,5 +1,8 @@
 """Deployment form: BatchNorm folding, ONNX export with a dynamic batch, ONNX Runtime equal to PyTorch."""
 
+from pathlib import Path
+
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -45,6 +48,17 @@ def test_onnx_export_of_the_folded_pruned_network_matches_pytorch_at_any_batch(p
     assert path.is_file() and not list(path.parent.glob(".*.tmp"))
     for batch in (1, 5):
         assert check_onnx(path, pruned_resnet, torch.randn(batch, 1, 8, 8)) <= 1e-4
+
+
+def test_the_onnx_file_names_no_local_path_so_any_checkout_writes_the_same_bytes(pruned_resnet, tmp_path):
+    """The exporter annotates nodes with Python stack traces of absolute paths (the checkout, its environment);
+    they are removed, and the module names and operator provenance stay."""
+    path = export_onnx(fold_batchnorm(pruned_resnet), EXAMPLE, tmp_path / "final.onnx")
+    content = path.read_bytes()
+    assert str(Path(torch.__file__).parents[1]).encode() not in content and b"stack_trace" not in content
+    keys = {entry.key for node in onnx.load(str(path)).graph.node for entry in node.metadata_props}
+    assert "namespace" in keys
+    assert path.read_bytes() == export_onnx(fold_batchnorm(pruned_resnet), EXAMPLE, tmp_path / "again.onnx").read_bytes()
 
 
 def test_an_onnx_file_of_another_network_fails_the_check(pruned_resnet, tmp_path):

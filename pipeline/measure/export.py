@@ -15,9 +15,10 @@ import os
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterable, Iterator, Union
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ONNX_TOLERANCE = 1e-4
 EXPORT_BATCH = 2   # torch.export specialises a batch of 1, so the traced batch must be larger to stay dynamic
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 class ExportError(PipelineError):
@@ -60,6 +62,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Union[str,
                                         output_names=[OUTPUT_NAME],
                                         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
             program.save(str(temporary))
+        _drop_stack_traces(temporary)
     except Exception as error:
         temporary.unlink(missing_ok=True)
         raise ExportError(f"Could not export {type(model).__name__} to ONNX ({type(error).__name__}: "
@@ -68,6 +71,29 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Union[str,
                           f"operators.") from None
     os.replace(temporary, path)
     return path
+
+
+def _drop_stack_traces(path: Path) -> None:
+    """Remove the Python stack trace the exporter attaches to every node: it names files by absolute path (this
+    checkout, its virtual environment), so the same network exported in another folder or on another machine
+    would give other bytes, and a deployed file would carry local paths. The other node annotations (module
+    names, operator provenance) do not depend on where the code lives and stay."""
+    model = onnx.load(str(path))
+    for node in _nodes(model.graph, model.functions):
+        kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
+
+
+def _nodes(graph: onnx.GraphProto, functions: Iterable[onnx.FunctionProto] = ()) -> Iterator[onnx.NodeProto]:
+    """Every node of `graph`, of the subgraphs its nodes hold (If/Loop bodies) and of `functions`."""
+    for node in [*graph.node, *(node for function in functions for node in function.node)]:
+        yield node
+        for attribute in node.attribute:
+            subgraphs = [*attribute.graphs, *([attribute.g] if attribute.HasField("g") else [])]
+            for subgraph in subgraphs:
+                yield from _nodes(subgraph)
 
 
 def onnx_session(path: Union[str, Path]) -> ort.InferenceSession:
