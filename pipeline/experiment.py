@@ -19,7 +19,8 @@ from pipeline.measure.jacobian import JacobianProbe, first_inputs, mean_jacobian
 from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.pruning.selection import select_filters
-from pipeline.training.loop import Batches, EpochRecord, TrainingHooks, fit, sgd, step_schedule
+from pipeline.training.hooks import TrainingHooks
+from pipeline.training.loop import Batches, EpochRecord, fit, sgd, step_schedule
 from pipeline.training.state import ResumeFile
 
 OnEpoch = Optional[Callable[[EpochRecord], None]]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from pipeline.training.loop import Batches, TrainingHooks
+from pipeline.training.hooks import TrainingHooks
+from pipeline.training.loop import Batches
 
 SAMPLES_PER_CHUNK = 32
 

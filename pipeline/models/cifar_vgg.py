@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models import register_model
+from pipeline.models.registry import register_model
 
 POOL = "M"
 VGG_CONFIGS: dict[int, tuple[int | str, ...]] = {

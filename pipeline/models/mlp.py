@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.models import check_choice, check_positive, register_model
+from pipeline.models.registry import check_choice, check_positive, register_model
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torchvision
 from torch import nn
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models import register_model
+from pipeline.models.registry import register_model
 
 TORCHVISION_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn", "vgg19_bn", "mobilenet_v2",
                      "efficientnet_b0", "convnext_tiny", "regnet_y_400mf")

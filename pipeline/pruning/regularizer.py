@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import RegularizerConfig
 from pipeline.pruning.surgery import (BATCHNORM_TYPES, GroupMember, build_graph, check_removable, group_members,
                                       zero_members)
-from pipeline.training.loop import TrainingHooks
+from pipeline.training.hooks import TrainingHooks
 
 
 def kept_pair_mask(filters: int, pruned: torch.Tensor, device: torch.device) -> torch.Tensor:
