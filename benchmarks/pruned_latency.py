@@ -74,7 +74,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="override every network's throughput batch")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds per target and batch")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU, and this machine has none (leave --device out to run on CPU)")
+    available = available_targets(torch.device(args.device))
+    if args.targets and not set(args.targets) <= set(available):
+        parser.error(f"--targets {' '.join(args.targets)}: on {args.device} this machine can time "
+                     f"{' '.join(available)} (graph and compile need CUDA)")
+    return args
 
 
 def pruned_pair(network: PrunedNetwork, round_to: int, device: torch.device) -> tuple[nn.Module, nn.Module]:

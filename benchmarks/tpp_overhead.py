@@ -145,7 +145,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latency-repeats", type=positive_int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU, and this machine has none (leave --device out to run on CPU)")
+    return args
 
 
 def synchronize(device: torch.device) -> None:
