@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 CODE_FOLDER = Path(__file__).resolve().parent
-PRESENTATION_MODULES = ("tracking.py", "progress.py", "report.py", "study_report.py")
+PRESENTATION_MODULES = ("tracking.py", "progress.py", "report.py", "study/outputs.py")
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:
@@ -28,9 +28,10 @@ def code_fingerprint() -> str:
     """
     digest = hashlib.sha256()
     for path in sorted(CODE_FOLDER.rglob("*.py")):
-        if path.name in PRESENTATION_MODULES:
+        relative = path.relative_to(CODE_FOLDER).as_posix()
+        if relative in PRESENTATION_MODULES:
             continue
-        digest.update(path.relative_to(CODE_FOLDER).as_posix().encode())
+        digest.update(relative.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

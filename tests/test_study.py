@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,12 @@ import yaml
 from mlflow import MlflowClient
 
 import pipeline.experiment as experiment
+import pipeline.fingerprint as fingerprint
 from pipeline.config import load_config
 from pipeline.data import materialize_digits
 from pipeline.errors import ConfigError
 from pipeline.study import load_study, run_study
-from pipeline.study_report import epoch_table, mean_std, table1
+from pipeline.study.outputs import epoch_table, mean_std, table1
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"model.name": "resnet20", "pretrain.epochs": 1, "pretrain.milestones": [], "prune.reg.delta": 0.5,
@@ -222,3 +224,20 @@ def test_command_line_reports_a_bad_study_in_one_paragraph(tmp_path: Path) -> No
     assert completed.returncode == 2
     assert "study file" in completed.stderr and "does not exist" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_the_cache_key_ignores_presentation_code_but_not_computing_code(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    """Editing a study's report layout keeps hours of cached cells; editing what computes them discards them."""
+    code = tmp_path / "pipeline"
+    shutil.copytree(REPO / "pipeline", code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fingerprint, "CODE_FOLDER", code)
+    original = fingerprint.code_fingerprint()
+    for presentation in fingerprint.PRESENTATION_MODULES:
+        assert (code / presentation).is_file(), presentation
+        with open(code / presentation, "a") as handle:
+            handle.write("# a layout edit\n")
+    assert fingerprint.code_fingerprint() == original
+    with open(code / "study" / "runner.py", "a") as handle:
+        handle.write("# a computing edit\n")
+    assert fingerprint.code_fingerprint() != original

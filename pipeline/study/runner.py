@@ -44,7 +44,7 @@ from pipeline.files import atomic_write_text
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime
-from pipeline.study_report import write_study_outputs
+from pipeline.study.outputs import write_study_outputs
 from pipeline.tracking import RunGroup, StageTracker, track_stage
 from pipeline.training.loop import EpochRecord, evaluate
 
@@ -401,7 +401,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except PipelineError as error:
         console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
