@@ -164,6 +164,11 @@ SETTINGS_CASES = {
                                                              "trainer.step: eager"]),
     "bf16-on-cpu": (setting("amp", "bf16"), ["'amp' is 'bf16'", "only supported on CUDA", "amp: auto"]),
     "mps-unavailable": (setting("device", "mps"), ["'mps'", "MPS is not available"]),
+    "starting-checkpoint-missing": (setting("model.checkpoint", "data/weights.pth"),
+                                    ["model.checkpoint is 'data/weights.pth', which does not exist"]),
+    "starting-checkpoint-unseen-by-dvc": (setting("model.checkpoint", "params.yaml"),
+                                          ["'params.yaml', outside everything the pretrain stage depends on",
+                                           "would not rerun pretraining", "dvc add data"]),
     "batch-not-split-over-processes": (lambda p: (p["trainer"].update(devices=2), p["prune"].update(batch_size=63)),
                                        ["'prune.batch_size' is 63", "trainer.devices=2", "multiple of 2"]),
 }

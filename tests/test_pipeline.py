@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from mlflow import MlflowClient
 
+from pipeline.models import create_model
 from pipeline.preflight import resolved_settings
 from pipeline.settings import load_settings
 from pipeline.tracking import DRAIN_TIMEOUT_S, OPEN_TIMEOUT_S
@@ -203,3 +205,28 @@ def test_unwritable_mlflow_store_warns_once_and_keeps_dvc_metrics(repo):
                     MLFLOW_TRACKING_URI=f"sqlite:///{blocker}/mlflow.db")
     assert output.count("MLflow tracking is off") == 1
     assert "final_test_acc" in json.loads(metrics_path.read_text())
+
+
+def test_a_starting_checkpoint_under_data_reruns_pretraining_when_replaced(repo):
+    """model.checkpoint inside data/ is seen by DVC: replacing the file reruns pretraining, keeping it does not."""
+    weights = repo / "data" / "weights" / "start.pth"
+    weights.parent.mkdir()
+
+    def write_weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        torch.save(create_model("resnet20", 10, in_channels=1, image_size=8, shortcut="A").state_dict(), weights)
+
+    def dense_hash() -> str:
+        return hashlib.sha256((repo / "models/dense.pt").read_bytes()).hexdigest()
+
+    write_weights(0)
+    set_params(repo, {"model.checkpoint": "data/weights/start.pth"})
+    _, output = run(["dvc", "repro"], repo)
+    assert "pretrain" in stages_ran(output)
+    first = dense_hash()
+    _, output = run(["dvc", "repro"], repo)
+    assert "pretrain" not in stages_ran(output)
+    write_weights(1)
+    _, output = run(["dvc", "repro"], repo)
+    assert "pretrain" in stages_ran(output)
+    assert dense_hash() != first
