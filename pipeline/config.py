@@ -4,6 +4,10 @@ params.yaml is the single hand-edited source of experiment settings. It is compo
 API (so stage scripts accept Hydra-style overrides such as `prune.ratio=0.7` for debugging) and checked against
 the dataclasses below before any work starts: an unknown key, a wrong type or a value out of range raises a
 `ConfigError` naming the key's full name and the fix. Settings are never rewritten silently.
+
+The dataclass defaults are the project's default experiment, the one source of it: the shipped params.yaml writes
+every one of them out (DVC tracks what is written), and tests/test_config.py fails when the two differ. A library
+user building `PruneConfig()` therefore gets what a pipeline user gets from the same names.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ class DataConfig:
 
     name: str = "digits"
     root: str = "data"
-    eval_batch_size: int = 256
-    num_workers: Union[int, str] = 0
+    eval_batch_size: int = 512
+    num_workers: Union[int, str] = "auto"
     loader: str = "auto"
     image_size: Optional[int] = None
     channels: Optional[int] = None
@@ -52,8 +56,8 @@ class ModelConfig:
     """The architecture, by registry name, and its constructor options; the starting point of the dense network:
     random (default), torchvision's published weights (`pretrained`) or a file of weights (`checkpoint`)."""
 
-    name: str = "resnet20"
-    options: Dict[str, Any] = field(default_factory=dict)
+    name: str = "resnet56"
+    options: Dict[str, Any] = field(default_factory=lambda: {"shortcut": "A"})
     pretrained: bool = False
     checkpoint: Optional[str] = None
 
@@ -62,12 +66,12 @@ class ModelConfig:
 class TrainConfig:
     """SGD with a step learning-rate schedule by epoch: pretraining and retraining."""
 
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    milestones: List[int] = field(default_factory=lambda: [15, 25])
+    milestones: List[int] = field(default_factory=lambda: [6, 9])
     gamma: float = 0.1
 
 
@@ -76,10 +80,10 @@ class RegularizerConfig:
     """TPP's penalties and the λ schedule λ_t = min(max_lambda, delta * floor(t / interval))."""
 
     alpha: float = 1000.0
-    delta: float = 1e-4
-    interval: int = 10
+    delta: float = 0.01
+    interval: int = 1
     max_lambda: float = 1.0
-    stabilize_steps: int = 10000
+    stabilize_steps: int = 300
     decorrelation: bool = True
     bn_penalty: bool = True
     zero_out: bool = False
@@ -96,8 +100,8 @@ class PruneConfig:
     ratios: Dict[str, float] = field(default_factory=dict)
     skip: List[str] = field(default_factory=list)
     round_to: int = 1
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 64
+    lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
     reg: RegularizerConfig = field(default_factory=RegularizerConfig)
@@ -115,7 +119,7 @@ class TrainabilityConfig:
 class EvaluateConfig:
     """How the final comparison is measured."""
 
-    latency_batch_size: int = 64
+    latency_batch_size: int = 256
     latency_repeats: int = 20
 
 
@@ -142,7 +146,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(lr=0.02))
     prune: PruneConfig = field(default_factory=PruneConfig)
     retrain: TrainConfig = field(default_factory=TrainConfig)
     trainability: TrainabilityConfig = field(default_factory=TrainabilityConfig)

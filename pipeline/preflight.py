@@ -3,14 +3,13 @@ resolved settings written to its own file.
 
 DVC removes a stage's outputs just before running it, so a bad value found by the stage itself would already
 have cost the user its previous outputs. The validate stage depends on all of params.yaml and runs first; the
-other stages depend on `settings/<stage>.json` instead of params keys. A bad value therefore stops DVC before any
-output is touched, and since each file holds exactly the settings its stage reads (`pipeline.stage.stage_settings`),
-a stage reruns exactly when those settings change.
+other stages depend on `settings/<stage>.json` instead of params keys, and read nothing else
+(`pipeline.settings_files`). A bad value therefore stops DVC before any output is touched, and since each file holds
+exactly the settings its stage reads, a stage reruns exactly when those settings change.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 
@@ -21,10 +20,9 @@ from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_text
 from pipeline.models import create_model
 from pipeline.runtime import resolve_device, resolve_runtime
-from pipeline.stage import STAGE_SETTINGS, stage_settings
+from pipeline.settings_files import RUN_SETTINGS_FILE, SETTINGS_DIR, settings_texts
 from pipeline.training import distributed
 
-SETTINGS_DIR = Path("settings")
 PIPELINE_FILE = Path("dvc.yaml")
 # Batch sizes that DDP splits over `trainer.devices` processes.
 SPLIT_BATCHES = ("pretrain.batch_size", "prune.batch_size", "retrain.batch_size")
@@ -75,16 +73,16 @@ def _pretrain_dependencies(root: Path) -> List[str]:
 
 
 def resolved_settings(config: Config) -> Dict[str, str]:
-    """Each stage's settings file as text: sorted keys and fixed formatting, so equal settings give equal bytes
-    and DVC sees no change in a stage whose settings did not change."""
-    return {stage: json.dumps(stage_settings(config, stage), indent=2, sort_keys=True) + "\n"
-            for stage in STAGE_SETTINGS}
+    """Each stage's settings file as text (`settings_texts` without the run-only file)."""
+    texts = settings_texts(config)
+    del texts[RUN_SETTINGS_FILE]
+    return texts
 
 
 def write_stage_settings(config: Config, folder: Path = SETTINGS_DIR) -> None:
-    """Write `<folder>/<stage>.json` for every stage, each atomically, after all of them were computed."""
-    texts = resolved_settings(config)
-    for stage, text in texts.items():
-        path = folder / f"{stage}.json"
+    """Write `<folder>/<stage>.json` for every stage and `<folder>/run.json`, each atomically, after all of them
+    were computed."""
+    for name, text in settings_texts(config).items():
+        path = folder / f"{name}.json"
         if not path.is_file() or path.read_text() != text:
             atomic_write_text(path, text)

@@ -8,12 +8,16 @@ imports point one way.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from pipeline.config import Config, config_from_mapping, load_config, one_of
 from pipeline.data import available_datasets
 from pipeline.models import available_models
 from pipeline.pruning.methods import available_methods
+
+# Settings whose value is a name one registry knows, and that registry's names.
+NAMED_SETTINGS: Dict[str, Callable[[], Sequence[str]]] = {
+    "data.name": available_datasets, "model.name": available_models, "prune.method": available_methods}
 
 
 def load_settings(overrides: Sequence[str] = (), path: Optional[Path] = None) -> Config:
@@ -26,9 +30,9 @@ def settings_from_mapping(raw: Dict[str, Any]) -> Config:
     return check_names(config_from_mapping(raw))
 
 
-def check_names(config: Config) -> Config:
+def check_names(config: Config, keys: Sequence[str] = tuple(NAMED_SETTINGS)) -> Config:
     """Refuse a dataset, model or method that no registry knows, suggesting the closest known name."""
-    one_of("data.name", config.data.name, available_datasets())
-    one_of("model.name", config.model.name, available_models())
-    one_of("prune.method", config.prune.method, available_methods())
+    for key in keys:
+        section, name = key.split(".")
+        one_of(key, getattr(getattr(config, section), name), NAMED_SETTINGS[key]())
     return config

@@ -13,17 +13,17 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NoReturn, Optional, Sequence
 
 from rich.markup import escape
 
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_text
 from pipeline.fingerprint import code_fingerprint, files_fingerprint, fingerprint
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime, seed_everything
-from pipeline.settings import load_settings
+from pipeline.settings_files import load_stage_config, stage_settings
 from pipeline.storage import check_writable, explain
 from pipeline.training import distributed
 from pipeline.training.loop import EpochRecord
@@ -40,27 +40,14 @@ RESUME_DIR = Path("resume")
 # Every folder a stage writes, probed before it starts so that an unwritable or full disk costs no work.
 WRITTEN_FOLDERS = (DENSE_CHECKPOINT.parent, METRICS_DIR, PLOTS_DIR, REPORTS_DIR, RESUME_DIR)
 
-# The settings each stage reads (dotted keys select part of a section). dvc.yaml's dependencies, the resolved
-# settings files and the resume fingerprints all derive from this one table.
-STAGE_SETTINGS: Dict[str, Sequence[str]] = {
-    "pretrain": ("seed", "device", "amp", "trainer", "data", "model", "pretrain"),
-    "prune": ("seed", "device", "amp", "trainer", "data", "prune"),
-    "retrain": ("seed", "device", "amp", "trainer", "data", "retrain", "trainability"),
-    "evaluate": ("seed", "device", "amp", "trainer", "data", "model.name", "prune.method", "trainability",
-                 "evaluate"),
-}
-# Settings that change how a run proceeds but never what it produces: left out of what stages depend on.
-RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume")
-
-
-def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None) -> None:
-    """Load and validate params.yaml (plus `key=value` overrides), run the stage (under torchrun when
-    `trainer.devices` > 1), and turn user errors into one readable paragraph and exit status 2 instead of a
-    traceback."""
+def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None, stage: str | None = None) -> None:
+    """Read the stage's resolved settings (plus `key=value` overrides for debugging), run the stage (under torchrun
+    when `trainer.devices` > 1), and turn user errors into one readable paragraph and exit status 2 instead of a
+    traceback. The stage is named after its script (stages/<stage>.py) unless given."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         with reported_errors():
-            config = load_settings(arguments)
+            config = load_stage_config(stage or Path(sys.argv[0]).stem, arguments)
             check_writable(WRITTEN_FOLDERS)
             if config.trainer.devices > 1 and not distributed.under_launcher():
                 distributed.check_devices(config.trainer.devices, resolve_device(config.device))
@@ -99,25 +86,6 @@ def prepare_run(config: Config) -> Runtime:
     configure_numerics(config.trainer, device)
     seed_everything(config.seed)
     return resolve_runtime(config.trainer, device, config.amp, rank, world_size)
-
-
-def stage_settings(config: Config, stage: str) -> Dict[str, Any]:
-    """The resolved values of exactly the settings `stage` reads, without the run-only ones."""
-    settings = config_to_dict(config)
-    selected: Dict[str, Any] = {}
-    for key in STAGE_SETTINGS[stage]:
-        value: Any = settings
-        for part in key.split("."):
-            value = value[part]
-        selected[key] = _without_run_only(value, key)
-    return selected
-
-
-def _without_run_only(value: Any, key: str) -> Any:
-    if not isinstance(value, dict):
-        return value
-    return {name: _without_run_only(item, f"{key}.{name}") for name, item in value.items()
-            if f"{key}.{name}" not in RUN_ONLY_SETTINGS}
 
 
 def resume_file(stage: str, config: Config, inputs: Iterable[Path] = ()) -> Optional[ResumeFile]:

@@ -14,6 +14,7 @@ is bounded: at most OPEN_TIMEOUT_S + DRAIN_TIMEOUT_S added to a stage, whatever 
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -47,10 +48,16 @@ DRAIN_TIMEOUT_S = 15.0
 # for many minutes; these apply unless the user set the variables.
 HTTP_REQUEST_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                          "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, token usage); with it, on the
+# runs table, which is what a training pipeline's experiment holds.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REMOTE_SCHEMES = ("http", "https", "databricks")
 DVC_EXPERIMENTS_FOLDER = ".dvc/tmp/exps"
 INVALID_KEY_CHARACTERS = re.compile(r"[^\w./\- :]")
-MODEL_EXAMPLE_BATCH = 2  # torch.export, which MLflow saves models with, fixes a batch of 1
+MODEL_EXAMPLE_BATCH = 2
+SENDER_THREAD_PREFIX = "mlflow-sender-"
+# MLflow loggers that print a store error's traceback before raising it.
+STORE_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store")  # torch.export, which MLflow saves models with, fixes a batch of 1
 
 Entity = TypeVar("Entity")
 
@@ -117,16 +124,10 @@ DEFINING_SETTINGS = (("tpp.model", ("model", "name"), ""), ("tpp.data", ("data",
 
 
 def defining_tags(params: Mapping[str, Any]) -> dict[str, str]:
-    """The settings that tell runs apart (model, data, method, ratio, alignment, retraining LR), as tags; empty
-    for params of another shape."""
-    tags = {}
-    for tag, path, _ in DEFINING_SETTINGS:
-        value: Any = params
-        for part in path:
-            value = value.get(part) if isinstance(value, Mapping) else None
-        if value is not None:
-            tags[tag] = str(value)
-    return tags
+    """The settings that tell runs apart (model, data, method, ratio, alignment, retraining LR), as tags: those of
+    them that `params` holds, nested (`{"model": {"name": ...}}`) or by dotted key (`{"model.name": ...}`)."""
+    flat = flatten_params(params)
+    return {tag: flat[".".join(path)] for tag, path, _ in DEFINING_SETTINGS if ".".join(path) in flat}
 
 
 def run_name(tags: Mapping[str, str]) -> str | None:
@@ -195,17 +196,20 @@ def _check_sqlite_openable(uri: str) -> None:
 
 
 def _experiment_id(client: MlflowClient, name: str, location: str | None) -> str:
-    """The experiment's id, creating it on first use (another stage process may win that race)."""
+    """The experiment's id, creating it on first use (another stage process may win that race), marked as a
+    model-training experiment."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:  # made before the tag was set; a kind the user chose stays
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _parent_run_id(client: MlflowClient, experiment_id: str, group: RunGroup) -> str:
@@ -286,13 +290,30 @@ def _send_model(client: MlflowClient, run_id: str, uri: str, model: Any, input_e
                              pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
+class _OnlyOffTheSender(logging.Filter):
+    """Drops log records made on a sender thread: MLflow's SQL store logs a whole SQLAlchemy traceback before it
+    raises (a deleted or read-only mlflow.db), and on the sender that raise is already reported once, as the
+    TrackingWarning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.threadName.startswith(SENDER_THREAD_PREFIX)
+
+
+def _quiet_store_errors() -> None:
+    for name in STORE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _OnlyOffTheSender) for existing in logger.filters):
+            logger.addFilter(_OnlyOffTheSender())
+
+
 class _Sender:
     """A daemon thread that makes MLflow calls one at a time, in order. A call stuck on a server that never answers
     only holds this thread, which the stage stops waiting for (and which ends with the process)."""
 
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
+        _quiet_store_errors()
+        threading.Thread(target=self._loop, name=f"{SENDER_THREAD_PREFIX}{name}", daemon=True).start()
 
     def submit(self, call: Callable[[], None]) -> None:
         self._calls.put(call)
@@ -439,14 +460,23 @@ class StageTracker:
     def _turn_off(self, action: str, error: Exception) -> None:
         """Warn once, then make every later call a no-op so one broken store costs one message."""
         self._client, self.run_id = None, None
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        cause = _root_cause(error)
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         warnings.warn(
             f"MLflow tracking is off for the rest of stage '{self.stage}': could not {action} in the store "
-            f"{self.uri} ({type(error).__name__}: {reason}). The stage goes on, and its DVC outputs and "
+            f"{self.uri} ({type(cause).__name__}: {reason}). The stage goes on, and its DVC outputs and "
             f"metrics are unaffected. To track later runs, make that store writable (or the server "
             f"reachable), or point MLFLOW_TRACKING_URI at one that is.",
             TrackingWarning,
         )
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception: MLflow wraps the store's own error (say, sqlite3's 'attempt to write a readonly
+    database') in messages about sessions and autoflush."""
+    while (inner := error.__cause__ or error.__context__) is not None:
+        error = inner
+    return error
 
 
 @contextmanager

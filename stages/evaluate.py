@@ -5,7 +5,7 @@ from pathlib import Path
 
 from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.measure.export import check_onnx, export_onnx, fold_batchnorm
@@ -13,7 +13,7 @@ from pipeline.measure.jacobian import first_inputs
 from pipeline.measure.latency import environment, measure_targets
 from pipeline.report import accuracy_chart, latency_record, markdown_report, read_history, summary_record
 from pipeline.stage import DENSE_CHECKPOINT, FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, \
-    REPORTS_DIR, prepare_run, run_stage, write_json
+    REPORTS_DIR, prepare_run, run_stage, stage_settings, write_json
 from pipeline.tracking import track_stage
 from pipeline.training.loop import evaluate
 
@@ -31,7 +31,7 @@ def main(config: Config) -> None:
         check_matches_data(checkpoint, path, info.num_classes, info.input_shape)
     dense, pruned, final = (checkpoints[path].model for path in checkpoints)
     example = checkpoints[DENSE_CHECKPOINT].architecture.example_inputs(device)
-    with track_stage("evaluate", params=config_to_dict(config), close_pipeline=True) as tracker:
+    with track_stage("evaluate", params=stage_settings(config, "evaluate"), close_pipeline=True) as tracker:
         metrics = {
             "model": config.model.name, "dataset": config.data.name, "method": config.prune.method,
             "dense_acc": evaluate(dense, test, device, runtime.amp)[1],

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pipeline import experiment
 from pipeline.checkpoint import Architecture, save_checkpoint
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, resume_file, run_stage, \
@@ -19,7 +19,7 @@ def main(config: Config) -> None:
                                       device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
     architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
     resume = resume_file("pretrain", config, inputs=[Path(config.model.checkpoint)] if config.model.checkpoint else [])
-    with track_stage("pretrain", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
+    with track_stage("pretrain", params=stage_settings(config, "pretrain"), enabled=runtime.is_main) as tracker:
         model, history = experiment.pretrain(
             config, architecture, train, test, runtime, resume=resume,
             on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))

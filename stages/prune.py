@@ -3,7 +3,7 @@ physically remove them."""
 
 from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config
 from pipeline.data import build_loaders
 from pipeline.pruning.methods import REGULARIZED_METHODS
 from pipeline.measure.cost import count_macs, count_parameters
@@ -29,7 +29,7 @@ def main(config: Config) -> None:
     if runtime.is_main:
         _announce(config, summary, len(train))
     resume = resume_file("prune", config, inputs=[DENSE_CHECKPOINT])
-    with track_stage("prune", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
+    with track_stage("prune", params=stage_settings(config, "prune"), enabled=runtime.is_main) as tracker:
         outcome = experiment.prune(config, dense.model, selection, example, train, test, runtime, resume=resume,
                                    on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.step))
         if not runtime.is_main:

@@ -3,7 +3,7 @@ trainability (mean Jacobian singular value) epoch by epoch."""
 
 from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
-from pipeline.config import Config, config_to_dict
+from pipeline.config import Config
 from pipeline.data import build_loaders
 from pipeline.stage import FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, prepare_run, resume_file, \
     run_stage, stage_settings, write_history, write_json
@@ -14,16 +14,16 @@ def main(config: Config) -> None:
     runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
                                       device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
-    pruned = load_checkpoint(PRUNED_CHECKPOINT, device=runtime.device)
-    check_matches_data(pruned, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
+    start = load_checkpoint(PRUNED_CHECKPOINT, device=runtime.device)
+    check_matches_data(start, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
     resume = resume_file("retrain", config, inputs=[PRUNED_CHECKPOINT])
-    with track_stage("retrain", params=config_to_dict(config), enabled=runtime.is_main) as tracker:
-        history = experiment.retrain(config, pruned.model, train, test, runtime, resume=resume,
+    with track_stage("retrain", params=stage_settings(config, "retrain"), enabled=runtime.is_main) as tracker:
+        history = experiment.retrain(config, start.model, train, test, runtime, resume=resume,
                                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
         if not runtime.is_main:
             return
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
-        digest = save_checkpoint(FINAL_CHECKPOINT, pruned.model, pruned.architecture, pruned=pruned.pruned,
+        digest = save_checkpoint(FINAL_CHECKPOINT, start.model, start.architecture, pruned=start.pruned,
                                  config=stage_settings(config, "retrain"), metrics=metrics)
         write_json(METRICS_DIR / "retrain.json", metrics)
         write_history(PLOTS_DIR / "retrain.csv", history)

@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 import pytest
 import yaml
 
-from pipeline.config import config_to_dict
+from pipeline.config import Config, config_to_dict, read_settings
+from pipeline.preflight import write_stage_settings
 from pipeline.settings import load_settings
 from pipeline.errors import ConfigError
 
@@ -222,7 +223,7 @@ def test_unresolvable_interpolation_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_stage_refuses_a_bad_override_with_one_paragraph_and_exit_2_before_any_work(tmp_path: Path) -> None:
-    copy_params(tmp_path)
+    write_stage_settings(load_settings(path=copy_params(tmp_path)), tmp_path / "settings")
 
     result = subprocess.run([sys.executable, str(REPO / "stages" / "prune.py"), "prune.ratio=1.5"], cwd=tmp_path,
                             env={**os.environ, "DVC_ROOT": str(tmp_path)}, capture_output=True, text=True,
@@ -233,7 +234,7 @@ def test_stage_refuses_a_bad_override_with_one_paragraph_and_exit_2_before_any_w
     assert "Traceback" not in output
     assert "\n" not in output, f"expected one paragraph, got:\n{output}"
     assert output.startswith("error: params.yaml: 'prune.ratio' 1.5 is not a pruning ratio")
-    assert sorted(os.listdir(tmp_path)) == ["params.yaml"]
+    assert sorted(os.listdir(tmp_path)) == ["params.yaml", "settings"]
 
 
 @pytest.mark.parametrize("line, key", [("  lr: 0.01\n  momentum: 0.9\n  weight_decay: 5.0e-4\n  reg:", "prune.lr"),
@@ -255,3 +256,17 @@ def test_a_top_level_list_is_refused_before_hydra_sees_it(tmp_path: Path) -> Non
     message = config_error(path)
     assert "must be a mapping of sections" in message and "its top level is a list" in message
     assert "ListConfig" not in message
+
+
+# --- one source of defaults -------------------------------------------------------------------------------------
+
+
+def test_schema_defaults_are_the_shipped_params_yaml() -> None:
+    """A library user building `Config()` / `PruneConfig()` gets the experiment a pipeline user gets from the shipped
+    params.yaml: the schema's defaults are the truth and params.yaml writes every one of them out."""
+    shipped = dict(leaves(read_settings(PARAMS)))
+    defaults = dict(leaves(config_to_dict(Config())))
+    drift = {key: (shipped.get(key, "<missing>"), defaults.get(key, "<missing>"))
+             for key in shipped.keys() | defaults.keys() if shipped.get(key, "<missing>") != defaults.get(key, "<missing>")}
+    assert not drift, (f"params.yaml and the defaults in pipeline/config.py differ at {drift} (params.yaml value, "
+                       f"schema default): change both together")

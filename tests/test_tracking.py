@@ -13,6 +13,7 @@ import warnings
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+from unittest import mock
 
 import pytest
 import requests
@@ -79,6 +80,8 @@ def test_stages_nest_under_one_parent_per_pipeline(repo: Path, monkeypatch: pyte
     assert parent.info.status == "FINISHED"
     assert parent.info.run_name == "resnet20 0.9", "named by the settings that define it"
     assert parent.data.tags[PIPELINE_KEY_TAG] == "run-a"
+    kind = client.get_experiment_by_name("tpp-pipeline").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development", "MLflow's UI opens a model-training experiment on its runs table"
     prune = runs["prune"]
     assert prune.data.params["prune.reg.alpha"] == "1000.0"
     assert prune.data.params["prune.ratios._layer_.conv1"] == "0.5"
@@ -95,6 +98,19 @@ def test_stages_nest_under_one_parent_per_pipeline(repo: Path, monkeypatch: pyte
     with track_stage("pretrain") as tracker:
         other_pipeline = tracker.parent_run_id
     assert len({parent_id, after_close, other_pipeline}) == 3
+
+
+def test_an_experiment_made_before_the_kind_tag_gets_it_and_a_kind_the_user_chose_stays(repo: Path) -> None:
+    client = local_client(repo)
+    older = client.create_experiment("tpp-pipeline")
+    chosen = client.create_experiment("mine", tags={"mlflow.experimentKind": "finetuning"})
+    with track_stage("prune"):
+        pass
+    with mock.patch.dict(os.environ, {"MLFLOW_EXPERIMENT_NAME": "mine"}), track_stage("prune"):
+        pass
+
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "finetuning"
 
 
 def test_pipeline_key_prefers_explicit_then_dvc_experiment_then_process_group(
@@ -233,6 +249,8 @@ def test_stage_tracks_to_a_real_server(repo: Path, mlflow_server: str, monkeypat
     api = f"{mlflow_server}/api/2.0/mlflow"
     experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "tpp-pipeline"},
                               timeout=10).json()["experiment"]
+    tags = {tag["key"]: tag["value"] for tag in experiment["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on the runs table"
     found = requests.post(f"{api}/runs/search", timeout=10, json={
         "experiment_ids": [experiment["experiment_id"]], "filter": f"tags.`{STAGE_TAG}` = 'retrain'"}).json()
     [run] = found["runs"]

@@ -70,6 +70,7 @@ def make_repo(root: Path, changes: Mapping[str, Any] = TINY) -> Path:
             shutil.copy2(source, target)
     run([sys.executable, "-m", "pipeline.data", "digits", "--root", "data"], root)
     set_params(root, changes)
+    run([sys.executable, "stages/validate.py"], root)  # the settings files a stage script run alone reads
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-qm", "tiny experiment"], root)
