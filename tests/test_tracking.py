@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -183,6 +185,43 @@ def test_store_failing_mid_stage_warns_once(repo: Path) -> None:
 
     [warning] = [w for w in caught if w.category is TrackingWarning]
     assert "could not log params" in str(warning.message)
+
+
+@contextmanager
+def _read_only(folder: Path) -> Iterator[None]:
+    """`folder` remounted read-only for the duration: chmod does not stop root, a read-only mount does."""
+    result = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here ({result.stderr.strip()})")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("break_store", ["delete", "read-only"])
+def test_store_deleted_or_made_read_only_during_a_stage_is_one_warning_not_a_traceback(
+        repo: Path, break_store: str, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
+    store = repo / "store"
+    store.mkdir()
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
+    try:
+        with pytest.warns(TrackingWarning) as caught, contextlib.ExitStack() as broken:
+            with track_stage("prune", params=PARAMS) as tracker:
+                if break_store == "delete":
+                    (store / "mlflow.db").unlink()
+                else:
+                    broken.enter_context(_read_only(store))
+                for epoch in (1, 2, 3):
+                    tracker.log_metrics({"test_acc": 0.5}, step=epoch)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+
+    [warning] = [w for w in caught if w.category is TrackingWarning]
+    assert "(OperationalError: " in str(warning.message), "the store's own reason, not MLflow's wrapper"
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def test_exception_in_stage_fails_its_run_and_the_pipeline_and_propagates(repo: Path) -> None:
