@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 CODE_FOLDER = Path(__file__).resolve().parent
-PRESENTATION_MODULES = ("tracking.py", "progress.py", "report.py", "study/outputs.py")
+PRESENTATION_MODULES = ("tracking/__init__.py", "tracking/naming.py", "tracking/store.py", "tracking/tracker.py",
+                        "progress.py", "report.py", "study/outputs.py")
 
 
 def fingerprint(parts: Mapping[str, Any]) -> str:

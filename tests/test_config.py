@@ -268,5 +268,5 @@ def test_schema_defaults_are_the_shipped_params_yaml() -> None:
     defaults = dict(leaves(config_to_dict(Config())))
     drift = {key: (shipped.get(key, "<missing>"), defaults.get(key, "<missing>"))
              for key in shipped.keys() | defaults.keys() if shipped.get(key, "<missing>") != defaults.get(key, "<missing>")}
-    assert not drift, (f"params.yaml and the defaults in pipeline/config.py differ at {drift} (params.yaml value, "
+    assert not drift, (f"params.yaml and the defaults in pipeline/config/schema.py differ at {drift} (params.yaml value, "
                        f"schema default): change both together")
