@@ -20,7 +20,7 @@ from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.pruning.selection import select_filters
 from pipeline.training.hooks import TrainingHooks
-from pipeline.training.loop import Batches, EpochRecord, fit, sgd, step_schedule
+from pipeline.training.loop import Batches, EpochRecord, fit, milestone_schedule, sgd
 from pipeline.training.state import ResumeFile
 
 OnEpoch = Optional[Callable[[EpochRecord], None]]
@@ -29,7 +29,7 @@ OnEpoch = Optional[Callable[[EpochRecord], None]]
 def pretrain(config: Config, architecture: Architecture, train: Batches, test: Batches, runtime: Runtime,
              on_epoch: OnEpoch = None, resume: Optional[ResumeFile] = None) -> tuple[nn.Module, List[EpochRecord]]:
     """Build the dense network (from the seed, torchvision's weights or a user's file) and train it with SGD and
-    the step schedule of `pretrain`; with `pretrain.epochs: 0` the starting weights are imported as they are."""
+    the milestone LR schedule of `pretrain`; with `pretrain.epochs: 0` the starting weights are imported as they are."""
     settings = config.pretrain
     seed_everything(config.seed)
     model = dense_model(config.model, architecture).to(runtime.device)
@@ -37,7 +37,7 @@ def pretrain(config: Config, architecture: Architecture, train: Batches, test: B
         return model, []
     optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
     history = fit(model, train, test, optimizer, runtime=runtime, epochs=settings.epochs,
-                  scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), stage="pretrain",
+                  scheduler=milestone_schedule(optimizer, settings.milestones, settings.gamma), stage="pretrain",
                   resume=resume, on_epoch=on_epoch)
     return model, history
 
@@ -67,7 +67,7 @@ def retrain(config: Config, model: nn.Module, train: Batches, test: Batches, run
     seed_everything(config.seed)
     optimizer = sgd(model, settings.lr, settings.momentum, settings.weight_decay)
     return fit(model, train, test, optimizer, runtime=runtime, epochs=settings.epochs,
-               scheduler=step_schedule(optimizer, settings.milestones, settings.gamma), hooks=hooks,
+               scheduler=milestone_schedule(optimizer, settings.milestones, settings.gamma), hooks=hooks,
                stage="retrain", resume=resume, on_epoch=on_epoch)
 
 

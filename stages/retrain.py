@@ -1,4 +1,4 @@
-"""Stage 3: fine-tune the physically pruned network with a fresh SGD optimizer and a step schedule, following its
+"""Stage 3: fine-tune the physically pruned network with a fresh SGD optimizer and a milestone LR schedule, following its
 trainability (mean Jacobian singular value) epoch by epoch."""
 
 from pipeline import experiment
@@ -14,16 +14,16 @@ def main(config: Config) -> None:
     runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
                                       device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
-    start = load_checkpoint(PRUNED_CHECKPOINT, device=runtime.device)
-    check_matches_data(start, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
+    checkpoint = load_checkpoint(PRUNED_CHECKPOINT, device=runtime.device)
+    check_matches_data(checkpoint, PRUNED_CHECKPOINT, info.num_classes, info.input_shape)
     resume = resume_file("retrain", config, inputs=[PRUNED_CHECKPOINT])
     with track_stage("retrain", params=stage_settings(config, "retrain"), enabled=runtime.is_main) as tracker:
-        history = experiment.retrain(config, start.model, train, test, runtime, resume=resume,
+        history = experiment.retrain(config, checkpoint.model, train, test, runtime, resume=resume,
                                      on_epoch=lambda record: tracker.log_metrics(record.metrics(), step=record.epoch))
         if not runtime.is_main:
             return
         metrics = {"final_test_acc": history[-1].test_acc, "best_test_acc": max(r.test_acc for r in history)}
-        digest = save_checkpoint(FINAL_CHECKPOINT, start.model, start.architecture, pruned=start.pruned,
+        digest = save_checkpoint(FINAL_CHECKPOINT, checkpoint.model, checkpoint.architecture, pruned=checkpoint.pruned,
                                  config=stage_settings(config, "retrain"), metrics=metrics)
         write_json(METRICS_DIR / "retrain.json", metrics)
         write_history(PLOTS_DIR / "retrain.csv", history)

@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.runtime import Runtime
 from pipeline.data import TensorBatches
 from pipeline.errors import TrainingError
-from pipeline.training.loop import TrainingHooks, evaluate, fit, sgd, step_schedule
+from pipeline.training.loop import TrainingHooks, evaluate, fit, milestone_schedule, sgd
 from pipeline.training.state import ResumeFile
 
 CPU = torch.device("cpu")
@@ -25,14 +25,14 @@ def separable_batches(count=6, size=32, seed=0):
     return batches
 
 
-def test_fit_learns_and_follows_the_step_schedule():
+def test_fit_learns_and_follows_the_milestone_schedule():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     batches = separable_batches()
     optimizer = sgd(model, lr=0.5, momentum=0.9, weight_decay=0.0)
     records = []
     history = fit(model, batches, batches, optimizer, runtime=Runtime(CPU), epochs=4,
-                  scheduler=step_schedule(optimizer, [2, 3], 0.1), on_epoch=records.append)
+                  scheduler=milestone_schedule(optimizer, [2, 3], 0.1), on_epoch=records.append)
     assert [r.epoch for r in history] == [1, 2, 3, 4] and records == history
     assert [r.lr for r in history] == pytest.approx([0.5, 0.5, 0.05, 0.005])
     assert history[-1].test_acc > 95 and history[-1].train_loss < history[0].train_loss
@@ -117,7 +117,7 @@ def shuffled_run(tmp_path, hooks, fingerprint="same"):
     optimizer = sgd(model, 0.1, 0.9, 1e-4)
     resume = ResumeFile(tmp_path / "resume.pt", fingerprint, announce=lambda line: None)
     history = fit(model, train, test, optimizer, runtime=Runtime(CPU, checkpoint_every=4), epochs=4, hooks=hooks,
-                  scheduler=step_schedule(optimizer, [2], 0.1), resume=resume)
+                  scheduler=milestone_schedule(optimizer, [2], 0.1), resume=resume)
     return model, history
 
 

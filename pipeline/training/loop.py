@@ -58,7 +58,7 @@ def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> to
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int],
+def milestone_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int],
                   gamma: float) -> torch.optim.lr_scheduler.MultiStepLR:
     """LR multiplied by `gamma` at each milestone epoch, as in the paper's retraining recipes."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
