@@ -233,9 +233,9 @@ def test_zero_out_zeroes_one_layer_per_interval_in_the_stabilize_phase():
 
 def test_regularizer_state_round_trips_for_resume():
     model = ShuffledRegistration()
-    regularizer = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig())
+    regularizer = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig(delta=1e-4, interval=10))
     regularizer.step = 1234
-    restored = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig())
+    restored = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig(delta=1e-4, interval=10))
     restored.load_state_dict(regularizer.state_dict())
     assert restored.current_lambda == regularizer.current_lambda == pytest.approx(1e-4 * math.floor(1234 / 10))
 

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -53,7 +53,7 @@ def config_from_mapping(raw: Dict[str, Any]) -> Config:
     """Check a nested dict of settings (keys, types, ranges) and turn it into a `Config`."""
     missing = _missing_keys(raw, Config, prefix="")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        merged = OmegaConf.merge(_merge_base(), raw)
         if missing:
             raise ConfigError(f"params.yaml: missing key '{missing[0]}'. Every setting must be written out so that "
                               f"DVC tracks it; add it (the shipped params.yaml and README.md list them all).")
@@ -129,6 +129,24 @@ def _missing_keys(raw: Dict[str, Any], schema: type, prefix: str) -> List[str]:
         if field_type is not None and isinstance(value, dict):
             missing += _missing_keys(value, field_type, prefix=f"{full_key}.")
     return missing
+
+
+def _merge_base() -> DictConfig:
+    """The schema as OmegaConf's merge base, its free-form mappings (model.options, prune.ratios) emptied: a mapping
+    written in the file replaces the default one instead of being merged into it."""
+    base = OmegaConf.structured(Config)
+    for key in _mapping_fields(Config, prefix=""):
+        OmegaConf.update(base, key, {}, merge=False)
+    return base
+
+
+def _mapping_fields(schema: type, prefix: str) -> Iterator[str]:
+    for field in dataclasses.fields(schema):
+        nested = _dataclass_type(field.type)
+        if nested is not None:
+            yield from _mapping_fields(nested, f"{prefix}{field.name}.")
+        elif str(field.type).startswith("Dict"):
+            yield f"{prefix}{field.name}"
 
 
 def _unknown_key(error: ConfigKeyError) -> ConfigError:
