@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 from pipeline.config import Config, config_from_mapping, load_config, one_of
 from pipeline.data import available_datasets
 from pipeline.models import available_models
-from pipeline.pruning.methods import available_methods
+from pipeline.methods import available_methods
 
 
 def load_settings(overrides: Sequence[str] = (), path: Optional[Path] = None) -> Config:

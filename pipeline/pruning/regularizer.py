@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.config import RegularizerConfig
 from pipeline.errors import ConfigError
 from pipeline.pruning.surgery import BATCHNORM_TYPES, GroupMember, build_graph, check_removable, group_members
-from pipeline.training.hooks import TrainingHooks
+from pipeline.hooks import TrainingHooks
 
 
 def pruned_pair_mask(filters: int, pruned: torch.Tensor, device: torch.device) -> torch.Tensor:
