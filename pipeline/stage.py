@@ -49,8 +49,9 @@ STAGE_SETTINGS: Dict[str, Sequence[str]] = {
     "evaluate": ("seed", "device", "amp", "trainer", "data", "model.name", "prune.method", "trainability",
                  "evaluate"),
 }
-# Settings that change how a run proceeds but never what it produces: left out of what stages depend on.
-RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume")
+# Settings that change how a run proceeds but never what it produces: left out of what stages depend on. The
+# worker count is one: each sample's augmentation is seeded by (seed, epoch, sample), whichever worker loads it.
+RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume", "data.num_workers")
 
 
 def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None) -> None:

@@ -100,6 +100,15 @@ def test_run_only_setting_reruns_no_stage(repo):
     assert stages_ran(output) == {"validate"}
 
 
+def test_worker_count_reruns_no_stage(repo):
+    """Results do not depend on `data.num_workers` (tests/test_data.py): changing it reruns nothing."""
+    set_params(repo, {"data.num_workers": 3})
+    _, output = run(["dvc", "repro"], repo)
+    assert stages_ran(output) == {"validate"}
+    _, status = run(["dvc", "status"], repo)
+    assert "Data and pipelines are up to date" in status
+
+
 def test_prune_ratio_reruns_prune_retrain_and_evaluate(repo):
     set_params(repo, {"prune.ratio": 0.7})
     _, output = run(["dvc", "repro"], repo)
