@@ -103,7 +103,8 @@ def _trainability_row(metrics: Mapping[str, Any]) -> List[str]:
     """The mean JSV row, when the evaluate stage measured it (trainability.jsv_samples > 0)."""
     if "jsv_dense" not in metrics:
         return []
-    return [f"| mean Jacobian singular value | {metrics['jsv_dense']:.4g} | {metrics['jsv_final']:.4g} "
+    return [f"| mean Jacobian singular value (eval mode: BatchNorm running statistics; the paper's reference "
+            f"measures in train mode) | {metrics['jsv_dense']:.4g} | {metrics['jsv_final']:.4g} "
             f"({metrics['jsv_pruned']:.4g} right after pruning) |"]
 
 
