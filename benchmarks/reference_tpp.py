@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.config import RegularizerConfig
 from pipeline.pruning.regularizer import LambdaSchedule, TPPRegularizer
-from pipeline.training.hooks import TrainingHooks
+from pipeline.hooks import TrainingHooks
 
 
 class ReferenceStyleTPP(TrainingHooks):

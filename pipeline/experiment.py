@@ -16,10 +16,10 @@ from torch import nn
 from pipeline.checkpoint import Architecture, dense_model
 from pipeline.config import Config
 from pipeline.measure.jacobian import JacobianProbe, first_inputs, mean_jacobian_singular_value
-from pipeline.pruning.methods import PruneContext, PruneOutcome, run_method
+from pipeline.methods import PruneContext, PruneOutcome, run_method
 from pipeline.runtime import Runtime, seed_everything
 from pipeline.pruning.selection import select_filters
-from pipeline.training.hooks import TrainingHooks
+from pipeline.hooks import TrainingHooks
 from pipeline.training.loop import Batches, EpochRecord, fit, milestone_schedule, sgd
 from pipeline.training.state import ResumeFile
 

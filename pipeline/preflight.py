@@ -19,6 +19,7 @@ from pipeline.config import Config
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_text
 from pipeline.models import create_model
+from pipeline.pruning.regularizer import LEARNABLE_TYPES, check_zero_out_schedule
 from pipeline.runtime import resolve_device, resolve_runtime
 from pipeline.settings_files import RUN_SETTINGS_FILE, SETTINGS_DIR, settings_texts
 from pipeline.training import distributed
@@ -40,7 +41,8 @@ def check_runnable(config: Config) -> None:
         for key in SPLIT_BATCHES:
             section, name = key.split(".")
             distributed.local_batch_size(getattr(getattr(config, section), name), config.trainer.devices, key)
-    create_model(config.model.name, PROBE_CLASSES, **config.model.options)
+    model = create_model(config.model.name, PROBE_CLASSES, **config.model.options)
+    check_zero_out_schedule(config.prune.reg, sum(isinstance(module, LEARNABLE_TYPES) for module in model.modules()))
 
 
 def check_starting_weights(config: Config, root: Path) -> None:

@@ -73,11 +73,11 @@ def latency_record(comparisons: Sequence[Any], environment: Mapping[str, Any], s
 
 def summary_record(metrics: Mapping[str, Any], latency: Mapping[str, Any], batch_size: int) -> Dict[str, float]:
     """The handful of numbers people compare runs by: accuracy dense / right after pruning / final, MAC speed-up,
-    measured speed-up per target at the throughput batch, and the mean JSV."""
-    summary = {"acc_dense": metrics["dense_acc"], "acc_pruned": metrics["pruned_acc"],
-               "acc_final": metrics["final_acc"], "speedup_macs": metrics["speedup_macs"],
-               **{f"speedup_{target}": batches[f"batch_{batch_size}"]["speedup"]
-                  for target, batches in latency["targets"].items()}}
+    measured speed-up per target at the throughput batch, and the mean JSV. Each under the same name as in
+    metrics/evaluate.json, so MLflow and `dvc exp show` show one name per number."""
+    summary = {key: metrics[key] for key in ("dense_acc", "pruned_acc", "final_acc", "speedup_macs")}
+    summary.update({f"speedup_{target}": batches[f"batch_{batch_size}"]["speedup"]
+                    for target, batches in latency["targets"].items()})
     summary.update({key: metrics[key] for key in ("jsv_dense", "jsv_pruned", "jsv_final") if key in metrics})
     return summary
 
@@ -103,7 +103,8 @@ def _trainability_row(metrics: Mapping[str, Any]) -> List[str]:
     """The mean JSV row, when the evaluate stage measured it (trainability.jsv_samples > 0)."""
     if "jsv_dense" not in metrics:
         return []
-    return [f"| mean Jacobian singular value | {metrics['jsv_dense']:.4g} | {metrics['jsv_final']:.4g} "
+    return [f"| mean Jacobian singular value (eval mode: BatchNorm running statistics; the paper's reference "
+            f"measures in train mode) | {metrics['jsv_dense']:.4g} | {metrics['jsv_final']:.4g} "
             f"({metrics['jsv_pruned']:.4g} right after pruning) |"]
 
 

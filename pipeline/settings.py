@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from pipeline.config import Config, config_from_mapping, load_config, one_of
 from pipeline.data import available_datasets
 from pipeline.models import available_models
-from pipeline.pruning.methods import available_methods
+from pipeline.methods import available_methods
 
 # Settings whose value is a name one registry knows, and that registry's names.
 NAMED_SETTINGS: Dict[str, Callable[[], Sequence[str]]] = {

@@ -35,7 +35,7 @@ STAGE_SETTINGS: Dict[str, Sequence[str]] = {
                  "prune.round_to", "retrain.lr", "trainability", "evaluate"),
 }
 # Settings that change how a run proceeds but never what it produces: left out of what stages depend on.
-RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume")
+RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume", "data.num_workers")
 
 
 class UnreadSection:

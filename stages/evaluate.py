@@ -61,7 +61,8 @@ def main(config: Config) -> None:
         write_json(METRICS_DIR / "latency.json", latency)
         write_json(METRICS_DIR / "summary.json", summary)
         tracker.log_summary(summary)
-        tracker.log_metrics({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
+        tracker.log_metrics({key: value for key, value in metrics.items()
+                             if isinstance(value, (int, float)) and key not in summary})
         tracker.log_metrics({f"latency.{target}.{batch}.{key}": value
                              for target, batches in latency["targets"].items()
                              for batch, row in batches.items() for key, value in row.items()})

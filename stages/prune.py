@@ -5,7 +5,7 @@ from pipeline import experiment
 from pipeline.checkpoint import check_matches_data, load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import build_loaders
-from pipeline.pruning.methods import REGULARIZED_METHODS
+from pipeline.methods import REGULARIZED_METHODS
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, PRUNED_LAYERS, prepare_run, \

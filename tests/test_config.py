@@ -74,14 +74,21 @@ def test_shipped_params_load_with_every_value_as_written(tmp_path: Path) -> None
     shipped = dict(leaves(yaml.safe_load(PARAMS.read_text())))
     loaded = dict(leaves(config_to_dict(config)))
     assert {key: loaded.get(key, "<missing>") for key in shipped} == shipped
-    assert config.prune.layers == ["*layer*.conv1"]
-    assert config.amp == "auto" and config.data.image_size is None and config.model.options == {"shortcut": "A"}
 
 
 def test_layer_ratios_maps_the_layer_patterns_to_prune_ratio(tmp_path: Path) -> None:
-    config = load_settings(path=copy_params(tmp_path))
+    path = write_params(tmp_path, {"prune.layers": ["layer2.*.conv1", "*conv2"], "prune.ratio": 0.4})
 
-    assert config.layer_ratios() == {"*layer*.conv1": config.prune.ratio} == {"*layer*.conv1": 0.9}
+    assert load_settings(path=path).layer_ratios() == {"layer2.*.conv1": 0.4, "*conv2": 0.4}
+
+
+def test_validate_refuses_a_zero_out_schedule_too_short_for_the_model(tmp_path: Path) -> None:
+    """The reference's guard: stabilize_steps ≥ zero_out_interval × learnable layers (ResNet20: 19 convs + fc)."""
+    from pipeline.preflight import check_runnable
+    edits = {"model.name": "resnet20", "prune.reg.zero_out": True, "prune.reg.zero_out_interval": 10}
+    check_runnable(load_settings(path=write_params(tmp_path, {**edits, "prune.reg.stabilize_steps": 200})))
+    with pytest.raises(ConfigError, match=r"'prune.reg.stabilize_steps' \(199\).*20 learnable layers = 200"):
+        check_runnable(load_settings(path=write_params(tmp_path, {**edits, "prune.reg.stabilize_steps": 199})))
 
 
 def test_extra_ratios_come_after_the_layer_patterns_and_win(tmp_path: Path) -> None:

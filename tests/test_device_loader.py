@@ -233,11 +233,6 @@ def test_bad_loader_settings_are_config_errors_naming_the_key(edits, key):
         config_from_mapping(raw)
 
 
-def test_shipped_params_use_auto_workers_and_loader():
-    config = config_from_mapping(read_settings(REPO / "params.yaml"))
-    assert (config.data.num_workers, config.data.loader) == ("auto", "auto")
-
-
 def trained_on_cifar(data: Path, run: Path, workers: int, hooks: CrashAfter) -> nn.Module:
     """A seeded conv net trained 2 epochs on augmented CIFAR batches from DataLoader workers (10 batches an epoch),
     a resume file written every 4 steps."""

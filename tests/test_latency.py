@@ -102,7 +102,7 @@ def test_records_keep_times_apart_and_summarise_the_compared_numbers():
     metrics = {"dense_acc": 97.0, "pruned_acc": 96.0, "final_acc": 97.5, "speedup_macs": 3.5, "jsv_dense": 2.8,
                "jsv_pruned": 3.4, "jsv_final": 3.5}
     summary = summary_record(metrics, latency, 16)
-    assert summary == {"acc_dense": 97.0, "acc_pruned": 96.0, "acc_final": 97.5, "speedup_macs": 3.5,
+    assert summary == {"dense_acc": 97.0, "pruned_acc": 96.0, "final_acc": 97.5, "speedup_macs": 3.5,
                        "speedup_eager_cpu": 2.0, "speedup_onnxruntime_cpu": 1.25, "jsv_dense": 2.8,
                        "jsv_pruned": 3.4, "jsv_final": 3.5}
     table = "\n".join(latency_table(latency))

@@ -1,5 +1,6 @@
-"""The library's imports point one way: no module, and no subpackage as a whole, imports something that imports it
-back. Read from the source (imports inside functions included), so a cycle fails here before it bites at runtime."""
+"""The library's imports point one way, the way README's module map documents: each concern (a subpackage, or a
+top-level module) imports only concerns of a lower layer, and no module imports one that imports it back. Read
+from the source (imports inside functions included), so a wrong-way import fails here before it bites at runtime."""
 
 from __future__ import annotations
 
@@ -32,6 +33,34 @@ def import_graph() -> Dict[str, Set[str]]:
     sources = {_module_name(path): path for path in PACKAGE_ROOT.rglob("*.py")}
     return {module: {name for name in _imported_names(ast.parse(path.read_text())) if name in sources and name != module}
             for module, path in sources.items()}
+
+
+# README's module map, lowest layer first; a concern may import only concerns of strictly lower layers.
+LAYERS: List[Set[str]] = [
+    {"errors", "files", "fingerprint", "progress", "hooks"},
+    {"config", "storage"},
+    {"runtime", "data", "models", "pruning", "tracking", "report"},
+    {"training", "measure"},
+    {"checkpoint", "methods"},
+    {"settings"},
+    {"stage"},
+    {"preflight", "experiment"},
+    {"study"},
+]
+
+
+def layer_of(unit: str) -> int:
+    name = unit.removeprefix("pipeline.")
+    for level, names in enumerate(LAYERS):
+        if name in names:
+            return level
+    raise AssertionError(f"'{unit}' has no layer: add it to LAYERS here and to the module map in README.md")
+
+
+def wrong_way_imports(units: Dict[str, Set[str]]) -> List[str]:
+    """Every `a → b` where b is not in a lower layer than a."""
+    return [f"{unit} → {imported}" for unit, imports in sorted(units.items()) if unit != "pipeline"
+            for imported in sorted(imports) if layer_of(imported) >= layer_of(unit)]
 
 
 def _unit(module: str) -> str:
@@ -76,7 +105,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
 
 def test_the_graph_sees_real_imports():
     modules = import_graph()
-    assert "pipeline.training.hooks" in modules["pipeline.pruning.regularizer"]
+    assert "pipeline.hooks" in modules["pipeline.pruning.regularizer"]
     assert "pipeline.models.registry" in modules["pipeline.models.cifar_resnet"]
 
 
@@ -93,3 +122,14 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_no_subpackage_imports_one_that_imports_it_back():
     cycle = find_cycle(unit_graph(import_graph()))
     assert cycle is None, f"import cycle between concerns: {' → '.join(cycle)}"
+
+
+def test_wrong_way_imports_are_reported():
+    assert wrong_way_imports({"pipeline.pruning": {"pipeline.training", "pipeline.config"}}) == [
+        "pipeline.pruning → pipeline.training"]
+    assert wrong_way_imports({"pipeline.training": {"pipeline.measure"}}) == ["pipeline.training → pipeline.measure"]
+
+
+def test_every_concern_imports_only_lower_layers():
+    wrong = wrong_way_imports(unit_graph(import_graph()))
+    assert not wrong, f"imports against the documented direction (README's module map): {wrong}"

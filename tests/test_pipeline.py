@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,17 +17,27 @@ import requests
 import torch
 from mlflow import MlflowClient
 
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import build_loaders
 from pipeline.models import create_model
+from pipeline.pruning.surgery import remove_filters
+from pipeline.training.loop import evaluate
 from pipeline.preflight import resolved_settings
 from pipeline.settings import load_settings
 from pipeline.tracking import DRAIN_TIMEOUT_S, OPEN_TIMEOUT_S
-from tiny_repo import VENV_BIN, make_repo, run, set_params, stages_ran
+from tiny_repo import TINY, VENV_BIN, make_repo, run, set_params, stages_ran
 
 # Slow (minutes): whole `dvc repro` runs of the pipeline, reruns after edits and tracking servers.
 # `make test-slow` and CI run them.
 pytestmark = pytest.mark.slow
 
 STAGES = ("pretrain", "prune", "retrain", "evaluate")
+# The tiny experiment with a dense network worth pruning (about 94 % on digits, chance is 10 %) and a stabilize phase
+# long enough for TPP's penalties to take the pruned filters near zero: 4 + 30 steps of the default TPP settings.
+CLAIM = {**TINY, "pretrain.epochs": 5, "pretrain.lr": 0.05, "pretrain.milestones": [4],
+         "prune.reg.stabilize_steps": 30}
+# Accuracy (percentage points) TPP may lose when the filters it drove to zero are removed: 7 of the 360 test images.
+REMOVAL_MARGIN = 2.0
 OUTPUTS = ("models", "metrics", "plots", "reports", "settings", "dvc.lock")
 
 
@@ -40,7 +51,7 @@ def output_hashes(repo: Path) -> dict:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git + DVC copy of the project with the embedded data materialised and a tiny experiment."""
-    return make_repo(tmp_path_factory.mktemp("project"))
+    return make_repo(tmp_path_factory.mktemp("project"), CLAIM)
 
 
 def test_full_pipeline_runs_and_tracks_every_stage(repo):
@@ -54,7 +65,14 @@ def test_full_pipeline_runs_and_tracks_every_stage(repo):
                 "sparsity", "speedup_macs", "jsv_dense", "jsv_pruned", "jsv_final"):
         assert key in metrics
     assert metrics["params_pruned"] < metrics["params_dense"] and metrics["speedup_macs"] > 1
-    assert 0 <= metrics["final_acc"] <= 100
+    prune = json.loads((repo / "metrics/prune.json").read_text())
+    assert prune["acc_before_removal"] > 80, prune
+    assert prune["acc_after_pruning"] >= prune["acc_before_removal"] - REMOVAL_MARGIN, prune
+    assert metrics["pruned_acc"] == pytest.approx(prune["acc_after_pruning"])
+    assert metrics["final_acc"] > 80 and metrics["dense_acc"] > 80
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert {key: summary[key] for key in ("dense_acc", "pruned_acc", "final_acc")} == \
+        {key: metrics[key] for key in ("dense_acc", "pruned_acc", "final_acc")}
     for path in ("models/dense.pt", "models/pruned.pt", "models/final.pt", "reports/accuracy.png",
                  "reports/report.md", "plots/pretrain.csv", "plots/retrain.csv", "dvc.lock"):
         assert (repo / path).is_file(), path
@@ -63,7 +81,8 @@ def test_full_pipeline_runs_and_tracks_every_stage(repo):
     assert retrain_curve[0].endswith(",test_acc,mean_jsv") and len(retrain_curve) == 3
     assert float(retrain_curve[-1].split(",")[-1]) == pytest.approx(metrics["jsv_final"], rel=1e-5)
     assert "mean Jacobian singular value" in (repo / "reports/report.md").read_text()
-    assert re.search(r"\[pretrain\] epoch 2/2 .* test_acc [\d.]+%", output)
+    epochs = CLAIM["pretrain.epochs"]
+    assert re.search(rf"\[pretrain\] epoch {epochs}/{epochs} .* test_acc [\d.]+%", output)
     assert "Traceback" not in output
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
@@ -72,10 +91,25 @@ def test_full_pipeline_runs_and_tracks_every_stage(repo):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
     assert set(children) == set(STAGES)
-    assert len(client.get_metric_history(children["pretrain"].info.run_id, "test_acc")) == 2
+    assert len(client.get_metric_history(children["pretrain"].info.run_id, "test_acc")) == epochs
     assert children["prune"].data.params["prune.ratio"] == "0.5"
     assert "checkpoint.final.sha256" in children["retrain"].data.tags
     assert children["evaluate"].data.metrics["final_acc"] == pytest.approx(metrics["final_acc"])
+    assert not {"acc_dense", "acc_pruned", "acc_final"} & set(children["evaluate"].data.metrics)
+
+
+def test_tpp_keeps_far_more_accuracy_through_removal_than_l1(repo):
+    """TPP's claim: the same filters removed in one shot from the dense network (L1, what TPP is compared with)
+    lose far more accuracy than after TPP's penalties moved the network's function onto the kept filters."""
+    config = load_settings(path=repo / "params.yaml")
+    _, test, _ = build_loaders(replace(config.data, root=str(repo / "data")), batch_size=256, seed=config.seed,
+                               device=torch.device("cpu"))
+    dense = load_checkpoint(repo / "models/dense.pt")
+    selection = load_checkpoint(repo / "models/pruned.pt").pruned
+    l1 = remove_filters(dense.model, selection, dense.architecture.example_inputs(torch.device("cpu")))
+    l1_acc = evaluate(l1, test, torch.device("cpu"))[1]
+    tpp_acc = json.loads((repo / "metrics/prune.json").read_text())["acc_after_pruning"]
+    assert tpp_acc >= l1_acc + 30, (tpp_acc, l1_acc)
 
 
 def test_second_repro_does_nothing(repo):
@@ -98,6 +132,15 @@ def test_run_only_setting_reruns_no_stage(repo):
     set_params(repo, {"trainer.checkpoint_every": 7})
     _, output = run(["dvc", "repro"], repo)
     assert stages_ran(output) == {"validate"}
+
+
+def test_worker_count_reruns_no_stage(repo):
+    """Results do not depend on `data.num_workers` (tests/test_data.py): changing it reruns nothing."""
+    set_params(repo, {"data.num_workers": 3})
+    _, output = run(["dvc", "repro"], repo)
+    assert stages_ran(output) == {"validate"}
+    _, status = run(["dvc", "status"], repo)
+    assert "Data and pipelines are up to date" in status
 
 
 def test_prune_ratio_reruns_prune_retrain_and_evaluate(repo):

@@ -47,7 +47,7 @@ def test_fresh_clone_pulls_every_output_and_recomputes_nothing(pushed, tmp_path)
     _, output = run(["dvc", "repro"], laptop)
     assert stages_ran(output) == set(), output
     summary = json.loads((laptop / "metrics/summary.json").read_text())
-    assert {"acc_dense", "acc_pruned", "acc_final", "speedup_macs", "speedup_onnxruntime_cpu"} <= set(summary)
+    assert {"dense_acc", "pruned_acc", "final_acc", "speedup_macs", "speedup_onnxruntime_cpu"} <= set(summary)
 
 
 def test_pulled_checkpoint_loads_on_the_cpu_and_matches_its_onnx_export(pushed, tmp_path):

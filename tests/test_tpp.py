@@ -9,11 +9,12 @@ from torch import nn
 
 from pipeline.runtime import Runtime
 from pipeline.config import RegularizerConfig
-from pipeline.errors import PruningError
+from pipeline.errors import ConfigError, PruningError
 from pipeline.models import create_model
 from pipeline.pruning.surgery import build_graph, group_members
 from pipeline.pruning.selection import layer_ratios, pruned_count, select_filters
-from pipeline.pruning.regularizer import LambdaSchedule, TPPRegularizer, decorrelation_loss
+from pipeline.pruning.regularizer import (LambdaSchedule, TPPRegularizer, batched_gram_penalty,
+                                          pruned_pair_mask)
 from pipeline.training.loop import fit, sgd
 
 
@@ -28,6 +29,20 @@ def direct_decorrelation(weight: torch.Tensor, pruned: list) -> torch.Tensor:
             target = 0.0 if (i in pruned or j in pruned) else g.item()
             total = total + (g - target) ** 2
     return total / n**2
+
+
+def decorrelation_loss(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """One layer's Gram term through the library's batched path (a batch of one)."""
+    return batched_gram_penalty([weight], pruned_pair_mask(weight.shape[0], pruned, weight.device)[None])
+
+
+def masked_gram_penalty(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """The oracle for one layer, written independently of the batched path: mean((W Wᵀ ⊙ mask)²)."""
+    rows = weight.flatten(1)
+    mask = torch.ones(len(rows), len(rows))
+    kept = [i for i in range(len(rows)) if i not in pruned.tolist()]
+    mask[torch.tensor(kept)[:, None], torch.tensor(kept)[None, :]] = 0
+    return ((rows @ rows.T) * mask).pow(2).mean()
 
 
 @pytest.mark.parametrize("shape", [(8, 3, 3, 3), (10, 7)])
@@ -215,29 +230,46 @@ def test_regularized_training_drives_pruned_filters_to_zero_and_keeps_the_rest()
     assert model.layer1[0].bn1.weight[idx].abs().max() < 1e-3
 
 
-def test_zero_out_zeroes_one_layer_per_interval_in_the_stabilize_phase():
-    model = create_model("resnet20", 4, in_channels=1, image_size=8)
-    pruned = select_filters(model, {"layer1.0.conv1": 0.5, "layer1.1.conv1": 0.5})
-    config = RegularizerConfig(delta=1.0, interval=1, stabilize_steps=10, zero_out=True, zero_out_interval=2)
-    regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 8, 8), config)
-    regularizer.step = regularizer.schedule.update_steps + 1
-    regularizer.after_optimizer_step()
-    first, second = model.layer1[0], model.layer1[1]
-    assert first.conv1.weight[pruned["layer1.0.conv1"]].abs().max() == 0
-    assert first.bn1.weight[pruned["layer1.0.conv1"]].abs().max() == 0
-    assert second.conv1.weight[pruned["layer1.1.conv1"]].abs().max() > 0
-    regularizer.step += 1
-    regularizer.after_optimizer_step()
-    assert second.conv1.weight[pruned["layer1.1.conv1"]].abs().max() == 0
+def reference_zero_out_due(step_index: int, schedule: LambdaSchedule, layer_index: int, interval: int) -> bool:
+    """The reference's rule (`opp_pruner.py`, `_layerwise_zero_out`), written from its own counters: the stabilize
+    phase starts at the first iteration whose λ reaches its maximum; after the optimizer step of iteration t, a layer
+    with index i among all learnable layers is zeroed when t − t_stabilize ≥ (i + 1)·interval, at every such t."""
+    stabilize_start = next(t for t in range(10**6) if schedule(t) >= schedule.max_lambda)
+    return step_index - stabilize_start >= (layer_index + 1) * interval
 
 
-def test_regularizer_state_round_trips_for_resume():
+def test_zero_out_follows_the_reference_rule_at_every_step():
+    """conv_a runs first but is registered second: the index is the forward order among all learnable layers
+    (conv_a 0, conv_b 1, fc 2), and a due layer is zeroed again after every step, not once."""
     model = ShuffledRegistration()
-    regularizer = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig(delta=1e-4, interval=10))
-    regularizer.step = 1234
-    restored = TPPRegularizer(model, {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), RegularizerConfig(delta=1e-4, interval=10))
-    restored.load_state_dict(regularizer.state_dict())
-    assert restored.current_lambda == regularizer.current_lambda == pytest.approx(1e-4 * math.floor(1234 / 10))
+    pruned = {"conv_a": torch.tensor([0, 3]), "conv_b": torch.tensor([1, 2, 5])}
+    config = RegularizerConfig(alpha=0.0, delta=0.5, interval=1, max_lambda=1.0, stabilize_steps=8, zero_out=True,
+                               zero_out_interval=2)
+    regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 6, 6), config)
+    bns = {"conv_a": model.bn_a, "conv_b": model.bn_b}
+    seen_due = set()
+    for step_index in range(regularizer.schedule.total_steps):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(0.5)
+        regularizer.after_optimizer_step()
+        for layer_index, name in enumerate(("conv_a", "conv_b")):
+            due = reference_zero_out_due(step_index, regularizer.schedule, layer_index, config.zero_out_interval)
+            conv, rows = model.get_submodule(name), pruned[name]
+            assert (conv.weight[rows].abs().max() == 0) == due, (step_index, name)
+            assert (bns[name].weight[rows].abs().max() == 0) == due and (bns[name].bias[rows].abs().max() == 0) == due
+            kept = torch.ones(conv.out_channels, dtype=torch.bool)
+            kept[rows] = False
+            assert conv.weight[kept].abs().min() > 0 and conv.bias.abs().min() > 0
+            if due:
+                seen_due.add((step_index, name))
+    assert {name for _, name in seen_due} == {"conv_a", "conv_b"} and len(seen_due) > 2
+
+
+def test_zero_out_with_a_stabilize_phase_too_short_for_every_layer_is_refused():
+    config = RegularizerConfig(delta=0.5, interval=1, stabilize_steps=5, zero_out=True, zero_out_interval=2)
+    with pytest.raises(ConfigError, match=r"stabilize_steps' \(5\).*3 learnable layers = 6"):
+        TPPRegularizer(ShuffledRegistration(), {"conv_a": torch.tensor([0])}, torch.zeros(1, 1, 6, 6), config)
 
 
 # --- the capture-friendly regularizer equals the per-layer formulas --------------------------------------------
@@ -264,7 +296,7 @@ def test_batched_gram_terms_equal_the_per_layer_sum_on_resnet56(resnet56_tpp):
     batched = regularizer.extra_loss()
     batched_grads = torch.autograd.grad(batched, weights)
     reference = regularizer.config.alpha * regularizer.current_lambda * sum(
-        decorrelation_loss(model.get_submodule(name).weight, indices) for name, indices in pruned.items())
+        masked_gram_penalty(model.get_submodule(name).weight, indices) for name, indices in pruned.items())
     reference_grads = torch.autograd.grad(reference, weights)
     assert batched.item() == pytest.approx(reference.item(), rel=1e-6)
     for got, want in zip(batched_grads, reference_grads):

@@ -6,14 +6,13 @@ means its singular values are near 1, and pruning that hurts trainability shrink
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from pipeline.training.hooks import TrainingHooks
-from pipeline.training.loop import Batches
+from pipeline.hooks import TrainingHooks
 
 SAMPLES_PER_CHUNK = 32
 
@@ -57,7 +56,8 @@ def mean_jacobian_singular_value(model: nn.Module, inputs: torch.Tensor, *, max_
     return (total / max(count, 1)).item()
 
 
-def first_inputs(batches: Batches, count: int, device: torch.device) -> torch.Tensor:
+def first_inputs(batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], count: int,
+                 device: torch.device) -> torch.Tensor:
     """The first `count` inputs of (ordered) test batches: a fixed probe set, the same for every model compared."""
     collected, have = [], 0
     for inputs, _ in batches:

@@ -20,33 +20,25 @@ import torch
 from torch import nn
 
 from pipeline.config import RegularizerConfig
-from pipeline.pruning.surgery import (BATCHNORM_TYPES, GroupMember, build_graph, check_removable, group_members,
-                                      zero_members)
-from pipeline.training.hooks import TrainingHooks
+from pipeline.errors import ConfigError
+from pipeline.pruning.surgery import BATCHNORM_TYPES, GroupMember, build_graph, check_removable, group_members
+from pipeline.hooks import TrainingHooks
 
 
-def kept_pair_mask(filters: int, pruned: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """N×N mask, 1 where a pruned filter is involved: the Gram entries TPP drives to zero."""
+def pruned_pair_mask(filters: int, pruned: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """N×N mask, 1 where a pruned filter is involved: the Gram entries TPP drives to zero (kept–kept pairs are 0,
+    free)."""
     kept = torch.ones(filters, dtype=torch.bool, device=device)
     kept[pruned.to(device)] = False
     return (~(kept[:, None] & kept[None, :])).to(torch.float32)
 
 
-def masked_gram_penalty(weight: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
-    """mean((G ⊙ mask)²), G = W Wᵀ over flattened filters, in float32 even under autocast.
-
-    Equal in value and gradient to mean((G − T)²) with T = G.detach() on kept–kept entries and 0 elsewhere.
-    """
-    with torch.autocast(device_type=weight.device.type, enabled=False):
-        rows = weight.float().flatten(1)
-        return ((rows @ rows.T) * pair_mask).pow(2).mean()
-
-
 def batched_gram_penalty(weights: Sequence[torch.Tensor], pair_masks: torch.Tensor) -> torch.Tensor:
-    """Σ_l mean((G_l ⊙ M_l)²) over equally shaped weights: one bmm instead of one small matmul per layer.
+    """Σ_l mean((G_l ⊙ M_l)²) over equally shaped weights, G = W Wᵀ over flattened filters: one bmm instead of one
+    small matmul per layer, in float32 even under autocast.
 
-    `pair_masks` stacks the layers' `kept_pair_mask`s ([L, N, N]); float32 even under autocast, like
-    `masked_gram_penalty`, whose per-layer values these are.
+    `pair_masks` stacks the layers' `pruned_pair_mask`s ([L, N, N]). Each layer's term equals mean((G − T)²) with
+    T = G.detach() on kept–kept entries and 0 elsewhere, in value and gradient.
     """
     with torch.autocast(device_type=pair_masks.device.type, enabled=False):
         rows = torch.stack([weight.float().flatten(1) for weight in weights])
@@ -54,9 +46,39 @@ def batched_gram_penalty(weights: Sequence[torch.Tensor], pair_masks: torch.Tens
         return (gram * pair_masks).pow(2).mean(dim=(1, 2)).sum()
 
 
-def decorrelation_loss(weight: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
-    """TPP's Gram decorrelation term for one Conv2d ([N,C,k,k]) or Linear ([N,D]) weight and its pruned indices."""
-    return masked_gram_penalty(weight, kept_pair_mask(weight.shape[0], pruned, weight.device))
+# The reference's learnable layers (its `LEARNABLES`, attention aside): zero-out counts them all, pruned or not.
+LEARNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def learnable_layer_order(model: nn.Module, example_inputs: torch.Tensor) -> List[str]:
+    """Names of the model's learnable layers in the order the forward pass first calls them, as the reference
+    indexes them (through forward hooks). Run in eval mode so the probe leaves BatchNorm statistics alone."""
+    order: List[str] = []
+    handles = [module.register_forward_hook(lambda *_, name=name: order.append(name) if name not in order else None)
+               for name, module in model.named_modules() if isinstance(module, LEARNABLE_TYPES)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def check_zero_out_schedule(config: RegularizerConfig, learnable_layers: int) -> None:
+    """The reference refuses a stabilize phase too short for zero-out to reach its last layer
+    (`stabilize_reg_interval < zero_out_interval * num_layers`): later layers would never be zeroed."""
+    needed = config.zero_out_interval * learnable_layers
+    if config.zero_out and config.stabilize_steps < needed:
+        raise ConfigError(
+            f"params.yaml: 'prune.reg.zero_out' is on, but 'prune.reg.stabilize_steps' ({config.stabilize_steps}) "
+            f"is shorter than 'prune.reg.zero_out_interval' ({config.zero_out_interval}) × the model's "
+            f"{learnable_layers} learnable layers = {needed}, so the last layers would never be zeroed (the "
+            f"reference refuses this too). Set prune.reg.stabilize_steps to at least {needed}, lower "
+            f"prune.reg.zero_out_interval to at most {config.stabilize_steps // max(learnable_layers, 1)}, or turn "
+            f"zero_out off.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +144,7 @@ class TPPRegularizer(TrainingHooks):
     Per step: `extra_loss()` adds α·λ_t·Σ_l R_l to the task loss; `before_optimizer_step()` adds λ_t·w to the
     gradient of every pruned filter (weight rows, biases) and, with `bn_penalty`, to the consuming BatchNorm's
     γ/β entries (found through the dependency graph); `after_optimizer_step()` advances the schedule and, with
-    `zero_out`, zeroes one more layer's pruned filters every `zero_out_interval` stabilize steps.
+    `zero_out`, re-zeroes the pruned filters of every layer that is due (`_zero_out_due_layers`).
     Everything is precomputed as masks: no Python loop over filters and no host–device sync per step.
 
     The host keeps the schedule's step (`step`, `current_lambda`, `finished()`, `stabilizing`); setting `step`
@@ -138,6 +160,11 @@ class TPPRegularizer(TrainingHooks):
         self.layers = [self._prepare_layer(graph, model, name, indices) for name, indices in pruned.items()]
         self.penalized = [tensor for layer in self.layers for tensor in self._penalized_tensors(layer)]
         self.groups = _gram_groups(self.layers)
+        self.zero_out_index: Dict[str, int] = {}
+        if config.zero_out:
+            order = learnable_layer_order(model, example_inputs)
+            check_zero_out_schedule(config, len(order))
+            self.zero_out_index = {layer.name: order.index(layer.name) for layer in self.layers}
         device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         self._lambda = torch.zeros((), device=device)
         self._strength = torch.zeros((), device=device)
@@ -147,7 +174,7 @@ class TPPRegularizer(TrainingHooks):
     @staticmethod
     def _prepare_layer(graph, model: nn.Module, name: str, indices: torch.Tensor) -> _PrunedLayer:
         weight = model.get_submodule(name).weight
-        return _PrunedLayer(name, weight, kept_pair_mask(weight.shape[0], indices, weight.device),
+        return _PrunedLayer(name, weight, pruned_pair_mask(weight.shape[0], indices, weight.device),
                             group_members(graph, model.get_submodule(name), indices.tolist()))
 
     def _penalized_tensors(self, layer: _PrunedLayer) -> List[_PenalizedTensor]:
@@ -217,16 +244,28 @@ class TPPRegularizer(TrainingHooks):
 
     def after_optimizer_step(self) -> None:
         self.step += 1
-        if self.config.zero_out and self.stabilizing:
-            self._zero_out_due_layer()
+        if self.config.zero_out:
+            self._zero_out_due_layers()
 
-    def _zero_out_due_layer(self) -> None:
-        """The reference's optional stabilize-phase zero-out: one more layer every `zero_out_interval` steps."""
-        since = self.step - self.schedule.update_steps
-        if since % self.config.zero_out_interval == 0:
-            index = since // self.config.zero_out_interval - 1
-            if 0 <= index < len(self.layers):
-                zero_members(self.layers[index].members)
+    @torch.no_grad()
+    def _zero_out_due_layers(self) -> None:
+        """The reference's optional stabilize-phase zero-out (`_layerwise_zero_out`), after every optimizer step.
+
+        With k the stabilize-phase index of the step just taken (0 for the first step at λ = τ) and i a pruned
+        layer's index among all learnable layers in forward order, the layer is due once k ≥ (i + 1)·interval and
+        is then re-zeroed at every step, since momentum would bring its weights back: its filter rows and its
+        BatchNorm's γ/β, not its bias, like the reference.
+        """
+        since = self.step - 1 - self.schedule.update_steps
+        for layer in self.layers:
+            if since >= (self.zero_out_index[layer.name] + 1) * self.config.zero_out_interval:
+                for member in layer.members:
+                    if member.name == layer.name:
+                        layer.weight[member.indices.to(layer.weight.device)] = 0
+                    elif isinstance(member.module, BATCHNORM_TYPES):
+                        for parameter in (member.module.weight, member.module.bias):
+                            if parameter is not None:
+                                parameter[member.indices.to(parameter.device)] = 0
 
     def finished(self) -> bool:
         return self.step >= self.schedule.total_steps

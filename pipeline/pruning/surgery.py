@@ -98,20 +98,3 @@ def remove_filters(model: nn.Module, pruned: Mapping[str, torch.Tensor],
         if len(indices):
             pruning_group(graph, model.get_submodule(name), indices.tolist()).prune()
     return model
-
-
-def removal_members(model: nn.Module, pruned: Mapping[str, torch.Tensor],
-                    example_inputs: torch.Tensor) -> List[GroupMember]:
-    """Everything the removal of `pruned` takes away, e.g. to build the 'filters zeroed' reference model."""
-    graph = build_graph(model, example_inputs)
-    return [member for name, indices in pruned.items()
-            for member in group_members(graph, model.get_submodule(name), indices.tolist())]
-
-
-@torch.no_grad()
-def zero_members(members: Sequence[GroupMember]) -> None:
-    """Zero the outputs that removal will take away: filter rows, biases, BatchNorm scale and shift."""
-    for member in members:
-        for parameter in (getattr(member.module, "weight", None), getattr(member.module, "bias", None)):
-            if parameter is not None:
-                parameter[member.indices.to(parameter.device)] = 0

@@ -25,6 +25,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 Result = Mapping[str, Any]
 CELL_COLUMNS = ("method", "ratio", "schedule", "seed", "dense_acc", "pruned_acc", "best_acc", "final_acc",
                 "jsv_dense", "jsv_pruned", "jsv_final", "params_dense", "params_pruned", "macs_dense", "macs_pruned")
+JSV_MODE_NOTE = ("Measured in eval mode (BatchNorm running statistics, each sample on its own); the paper's reference "
+                 "measures in train mode (batch statistics), so the values are not comparable with its JSV figures.")
 CURVE_COLUMNS = ("method", "ratio", "schedule", "seed", "epoch", "test_acc", "train_loss", "mean_jsv")
 MAX_EPOCH_COLUMNS = 13
 
@@ -76,11 +78,13 @@ def study_markdown(name: str, description: str, results: Sequence[Result], has_j
     """The whole report: Table 1 layout, trainability, per-epoch accuracy at the highest ratio, figures."""
     seeds = _ordered(results, "seed")
     lines = [f"# Study `{name}`", "", *([description.strip(), ""] if description.strip() else []),
-             f"{len(results)} cells; every figure is the mean ± sample std over {len(seeds)} seed(s) "
-             f"({', '.join(map(str, seeds))}). Accuracy: best test accuracy (%) during retraining, as the paper "
-             f"reports it.", "", "## Accuracy (Table 1 layout)", "", *table1(results), ""]
+             f"{len(results)} cells; every figure is the mean ± sample std (n − 1) over {len(seeds)} seed(s) "
+             f"({', '.join(map(str, seeds))}); the paper's ± is a population std (n), smaller by √((n − 1)/n). "
+             f"Accuracy: best test accuracy (%) during retraining, as the paper reports it.", "",
+             "## Accuracy (Table 1 layout)", "", *table1(results), ""]
     if has_jsv:
-        lines += ["## Trainability (mean Jacobian singular value)", "", *trainability_table(results), ""]
+        lines += ["## Trainability (mean Jacobian singular value)", "", JSV_MODE_NOTE, "",
+                  *trainability_table(results), ""]
     lines += [f"## Accuracy per retraining epoch at ratio {max(r['ratio'] for r in results):g}", "",
               "Epoch 0 is the network right after pruning.", "", *epoch_table(results), ""]
     lines += [f"![{Path(figure).stem}]({figure})" for figure in figures] + [""]

@@ -24,7 +24,7 @@ from pipeline.errors import TrainingError
 from pipeline.progress import StageProgress
 from pipeline.runtime import Runtime, autocast
 from pipeline.training import distributed
-from pipeline.training.hooks import TrainingHooks
+from pipeline.hooks import TrainingHooks
 from pipeline.training.state import ResumeFile, capture_rng, restore_rng
 from pipeline.training.step import StepFunction, build_step
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.runtime import Runtime, autocast, check_graph_mode
-from pipeline.training.hooks import TrainingHooks
+from pipeline.hooks import TrainingHooks
 
 StepFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WARMUP_STEPS = 3

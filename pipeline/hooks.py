@@ -1,4 +1,7 @@
-"""The extension points of the training loop: how TPP, the baselines and measurements plug into one loop."""
+"""The extension points of the training loop: how TPP, the baselines and measurements plug into one loop.
+
+A protocol of its own below `training`, `pruning` and `measure`, so that the regularizer and the trainability
+measure implement it without importing the loop that calls them."""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Pruning methods behind one registry: each takes the dense model and the selected filters and returns the
 physically pruned network. All methods share the selection rule and layer ratios, so only the method differs.
+
+A top-level module, above both `pruning` (selection, penalties, removal) and `training` (the loop the
+regularized methods train with), so that neither of those imports the other.
 """
 
 from __future__ import annotations
