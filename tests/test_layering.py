@@ -43,6 +43,7 @@ LAYERS: List[Set[str]] = [
     {"training", "measure"},
     {"checkpoint", "methods"},
     {"settings"},
+    {"settings_files"},
     {"stage"},
     {"preflight", "experiment"},
     {"study"},
