@@ -29,6 +29,7 @@ AMP_MODES = ("auto", "fp32", "bf16", "fp16")
 STEP_MODES = ("eager", "compile", "graph")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 DATA_LOADERS = ("auto", "workers", "device")
+LATENCY_TARGETS = ("eager", "onnxruntime", "graph", "compile")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -117,6 +118,7 @@ class EvaluateConfig:
 
     latency_batch_size: int = 64
     latency_repeats: int = 20
+    targets: List[str] = field(default_factory=lambda: list(LATENCY_TARGETS))
 
 
 @dataclass
@@ -314,6 +316,12 @@ def validate(config: Config) -> None:
             "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
+    targets = list(config.evaluate.targets)
+    unknown = [target for target in targets if target not in LATENCY_TARGETS]
+    require(not unknown, "evaluate.targets", f"{unknown} are not latency targets; choose from "
+            f"{', '.join(LATENCY_TARGETS)} (graph and compile are timed only where the evaluation runs on CUDA)")
+    require(bool(targets) and len(set(targets)) == len(targets), "evaluate.targets",
+            f"{targets} must name at least one target, each once")
 
 
 def _validate_data(data: DataConfig) -> None:
