@@ -64,10 +64,11 @@ def load_stage(name: str) -> types.ModuleType:
 
 
 def overrides(args: argparse.Namespace, data_root: Path) -> List[str]:
+    milestone = args.pretrain_epochs - 1 if args.pretrain_epochs > 1 else ""
     return [f"device={args.device}", f"model.name={args.model}", f"trainer.step={args.step}", "trainer.resume=false",
             "data.name=cifar10", f"data.root={data_root}", "data.loader=device", "data.num_workers=0",
             f"pretrain.epochs={args.pretrain_epochs}", "pretrain.batch_size=128",
-            f"pretrain.milestones=[{args.pretrain_epochs - 1}]", "retrain.epochs=1", "retrain.milestones=[]",
+            f"pretrain.milestones=[{milestone}]", "retrain.epochs=1", "retrain.milestones=[]",
             "trainability.jsv_samples=8", "evaluate.latency_repeats=10",
             f"evaluate.targets=[{','.join(LATENCY_TARGETS)}]", *args.set]
 
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--step", default="graph", choices=("eager", "compile", "graph"))
     parser.add_argument("--model", default="resnet56")
-    parser.add_argument("--train-images", type=int, default=6400)
+    parser.add_argument("--train-images", type=int, default=12800)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--pretrain-epochs", type=int, default=4)
     parser.add_argument("--max-drop", type=float, default=1.0, help="allowed accuracy change at removal (points)")
