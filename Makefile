@@ -51,7 +51,7 @@ bench: setup  ## TPP step overhead and pruned-vs-dense latency (prints figures)
 device-wheels: setup  ## wheels a GPU machine without a registry lacks, in .whl/ (see README: GPU checks)
 	rm -rf .whl && mkdir -p .whl
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-		--platform manylinux2014_x86_64 -d .whl $$(grep -E '^(torch-pruning|hydra-core|omegaconf)==' requirements.lock)
+		--platform manylinux2014_x86_64 -d .whl $$(grep -E '^(torch-pruning|hydra-core|omegaconf|onnxscript|onnx-ir)==' requirements.lock)
 	$(PYTHON) -m pip wheel --quiet --no-deps -w .whl $$(grep -E '^antlr4-python3-runtime==' requirements.lock)
 
 clean:  ## remove pipeline outputs (they stay in the DVC cache)

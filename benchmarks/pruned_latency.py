@@ -62,6 +62,7 @@ class Row:
     round_to: int
     mac_speedup: float
     comparisons: Sequence[LatencyComparison]
+    failed: Mapping[str, str]
 
 
 def parse_args() -> argparse.Namespace:
@@ -104,10 +105,10 @@ def measure(name: str, round_to: int, args: argparse.Namespace, device: torch.de
     example = example_input(network)
     mac_speedup = count_macs(dense.cpu(), example) / count_macs(pruned.cpu(), example)
     cuda = device.type == "cuda"
-    comparisons = measure_targets(dense, pruned, example.to(device), device, "bf16" if cuda else "fp32",
-                                  [1, args.batch_size or network.throughput_batch], args.repeats,
-                                  channels_last=cuda, targets=args.targets)
-    return Row(name, round_to, mac_speedup, comparisons)
+    measured = measure_targets(dense, pruned, example.to(device), device, "bf16" if cuda else "fp32",
+                               [1, args.batch_size or network.throughput_batch], args.repeats,
+                               channels_last=cuda, targets=args.targets)
+    return Row(name, round_to, mac_speedup, measured.comparisons, measured.failed)
 
 
 def table(rows: Sequence[Row], device: torch.device) -> Table:
@@ -120,6 +121,9 @@ def table(rows: Sequence[Row], device: torch.device) -> Table:
             result.add_row(row.network, str(row.round_to), f"{row.mac_speedup:.2f}", comparison.target,
                            str(comparison.batch_size), f"{comparison.dense_ms:.3f}", f"{comparison.pruned_ms:.3f}",
                            f"{comparison.speedup:.2f}× ± {comparison.speedup_iqr:.2f}{verdict}")
+        for target, error in row.failed.items():
+            result.add_row(row.network, str(row.round_to), f"{row.mac_speedup:.2f}", target, "", "", "",
+                           f"failed: {error}")
     return result
 
 
@@ -142,7 +146,7 @@ def main() -> None:
         figures: Dict[str, object] = {"environment": env, "rows": [
             {"network": row.network, "round_to": row.round_to, "mac_speedup": row.mac_speedup,
              "comparisons": [{"target": c.target, "batch_size": c.batch_size, **c.to_dict()}
-                             for c in row.comparisons]} for row in rows]}
+                             for c in row.comparisons], "failed": dict(row.failed)} for row in rows]}
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
         console.print(f"Figures written to {args.json}")
 

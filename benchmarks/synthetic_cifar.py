@@ -16,10 +16,16 @@ import numpy as np
 from torchvision import datasets
 
 CLASSES = 10
+COLOURS = np.array([[48, 48, 48], [48, 128, 48], [48, 208, 48], [128, 48, 48], [128, 128, 48], [128, 208, 48],
+                    [208, 48, 48], [208, 128, 48], [208, 208, 48], [128, 48, 208]])   # one RGB colour per class
 
 
-def write_cifar10(root: Path, train_images: int, test_images: int, seed: int = 0) -> Path:
-    """Five train files and one test file of random uint8 images (N×3072 rows, R, G, B planes) and labels."""
+def write_cifar10(root: Path, train_images: int, test_images: int, seed: int = 0, learnable: bool = False) -> Path:
+    """Five train files and one test file of random uint8 images (N×3072 rows, R, G, B planes) and labels.
+
+    `learnable` images are their class's colour under noise (a colour survives crops and flips), so a network
+    learns them to a high test accuracy within a few epochs (an accuracy check then means something); otherwise
+    pure noise."""
     folder = root / datasets.CIFAR10.base_folder
     folder.mkdir(parents=True, exist_ok=True)
     generator = np.random.default_rng(seed)
@@ -27,8 +33,11 @@ def write_cifar10(root: Path, train_images: int, test_images: int, seed: int = 0
     sizes = [train_images // train_files + (index < train_images % train_files) for index in range(train_files)]
     names = [name for name, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list]
     for name, count in zip(names, sizes + [test_images]):
-        batch = {"batch_label": name, "data": generator.integers(0, 256, (count, 3072), dtype=np.uint8),
-                 "labels": generator.integers(0, CLASSES, count).tolist(),
+        data = generator.integers(0, 256, (count, 3072), dtype=np.uint8)
+        labels = generator.integers(0, CLASSES, count)
+        if learnable:
+            data = (np.repeat(COLOURS[labels], 1024, axis=1) + (data.astype(np.int64) - 128) // 3).astype(np.uint8)
+        batch = {"batch_label": name, "data": data, "labels": labels.tolist(),
                  "filenames": [f"{name}_{index}.png" for index in range(count)]}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     meta_name = datasets.CIFAR10.meta["filename"]

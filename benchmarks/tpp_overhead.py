@@ -37,7 +37,7 @@ from torch import nn
 from pipeline.config import DataConfig, PruneConfig, RegularizerConfig, TrainerConfig
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
-from pipeline.measure.latency import latency_pair
+from pipeline.measure import latency
 from pipeline.models import create_model
 from pipeline.pruning.regularizer import LambdaSchedule, TPPRegularizer
 from pipeline.pruning.selection import select_filters
@@ -359,6 +359,14 @@ def pruned_copy(dense: nn.Module, ratio: float, example: torch.Tensor) -> nn.Mod
     return remove_filters(model, select_filters(model, {CIFAR_PATTERN: ratio}), example)
 
 
+def latency_pair(dense: nn.Module, pruned: nn.Module, batch: torch.Tensor, repeats: int) -> Tuple[float, float]:
+    """Median seconds per eager fp32 forward of `batch`, dense and pruned as given (no folding), interleaved."""
+    dense_times, pruned_times = latency.interleaved_times(
+        latency.torch_forward(dense.eval(), batch, "fp32"), latency.torch_forward(pruned.eval(), batch, "fp32"),
+        repeats, lambda: synchronize(batch.device))
+    return statistics.median(dense_times), statistics.median(pruned_times)
+
+
 def inference_rows(args: argparse.Namespace, device: torch.device) -> List[InferenceRow]:
     spec = MODELS["resnet56"]
     batch = random_batch(spec, args.batch_size or spec.batch_size, device, args.seed)[0]
@@ -375,21 +383,13 @@ def inference_rows(args: argparse.Namespace, device: torch.device) -> List[Infer
 
 # --- report -----------------------------------------------------------------------------------------------------
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else the architecture: `platform.processor()` is often empty."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return models[0] if models else platform.machine()
-
-
 def environment(device: torch.device) -> Dict[str, object]:
-    """What the figures depend on: versions, hardware, the thread count CPU kernels use, and the command."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "torch": torch.__version__,
+    """What the figures depend on: the evaluate stage's record of device, CPU, threads and versions, plus the
+    command and the numerics flags of this benchmark."""
+    return {"command": shlex.join([Path(sys.executable).name, *sys.argv]), **latency.environment(device),
             "torch_pruning": metadata.version("torch-pruning"), "python": platform.python_version(),
-            "device": f"{device} ({name})", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "tf32": torch.backends.cudnn.allow_tf32, "cudnn_benchmark": torch.backends.cudnn.benchmark}
+            "cpu_count": os.cpu_count(), "tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
 
 
 def environment_table(env: Mapping[str, object]) -> Table:

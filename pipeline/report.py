@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -62,13 +62,16 @@ def markdown_report(metrics: Mapping[str, Any], latency: Mapping[str, Any], path
 
 
 def latency_record(comparisons: Sequence[Any], environment: Mapping[str, Any], speedup_macs: float,
-                   onnx_max_abs_diff: float) -> Dict[str, Any]:
+                   onnx_max_abs_diff: float, failed: Optional[Mapping[str, str]] = None,
+                   skipped: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Every measured time of the evaluate stage, kept apart from the deterministic metrics (times change from run
-    to run): per target and batch, with the machine and library versions they were measured with."""
+    to run): per target and batch, with the machine and library versions they were measured with; the targets
+    that failed (with their error) and those not timed on this device (with the reason)."""
     targets: Dict[str, Dict[str, Any]] = {}
     for comparison in comparisons:
         targets.setdefault(comparison.target, {})[f"batch_{comparison.batch_size}"] = comparison.to_dict()
-    return {**environment, "speedup_macs": speedup_macs, "onnx_max_abs_diff": onnx_max_abs_diff, "targets": targets}
+    return {**environment, "speedup_macs": speedup_macs, "onnx_max_abs_diff": onnx_max_abs_diff, "targets": targets,
+            "failed": dict(failed or {}), "skipped": dict(skipped or {})}
 
 
 def summary_record(metrics: Mapping[str, Any], latency: Mapping[str, Any], batch_size: int) -> Dict[str, float]:
@@ -92,6 +95,7 @@ def latency_table(latency: Mapping[str, Any]) -> List[str]:
             lines.append(f"| {target} | {batch.removeprefix('batch_')} | {row['dense_ms']:.3f} ± "
                          f"{row['dense_iqr_ms']:.3f} | {row['pruned_ms']:.3f} ± {row['pruned_iqr_ms']:.3f} | "
                          f"{row['speedup']:.2f}× ± {row['speedup_iqr']:.2f} | {latency['speedup_macs']:.2f}× |")
+    lines += [f"| {target} | | failed: {error} | | | |" for target, error in latency.get("failed", {}).items()]
     versions = ", ".join(f"{name} {latency[name]}" for name in ("torch", "onnxruntime", "onnx"))
     lines += ["", f"Measured on `{latency['device']}` ({latency['device_name']}; {latency['torch_threads']} torch "
                   f"threads), {versions}. ONNX export (`models/final.onnx`) max abs difference from PyTorch: "

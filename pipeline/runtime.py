@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
+import re
+import warnings
 from dataclasses import dataclass
-from typing import ContextManager
+from pathlib import Path
+from typing import ContextManager, Optional
 
 import numpy as np
 import torch
@@ -16,6 +20,9 @@ from pipeline.errors import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+NATIVE_BF16_CAPABILITY = (8, 0)   # Ampere: bf16 tensor cores; older GPUs emulate bf16, slower than fp32
+NVIDIA_DRIVER_FILE = Path("/proc/driver/nvidia/version")
+MINIMUM_DRIVER = {13: "580", 12: "525", 11: "450"}   # CUDA major version of the torch build → Linux driver needed
 
 
 @dataclass(frozen=True)
@@ -45,13 +52,20 @@ class Runtime:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicitly requested device that is absent is an error, not a fallback."""
+    """`auto` picks CUDA when present; an explicitly requested device that is absent is an error, not a fallback.
+    An NVIDIA GPU that this PyTorch build cannot use (usually a driver older than its CUDA needs) is said once."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        reason = unusable_gpu()
+        if reason is not None:
+            _warn_once(f"{reason} `device: auto` runs every stage on the CPU.")
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"params.yaml: 'device' is '{name}' but this machine has no CUDA GPU. "
-                          f"Use `device: auto` (CUDA when present, else CPU) or `device: cpu`.")
+        raise ConfigError(f"params.yaml: 'device' is '{name}' but this process has no usable CUDA GPU. "
+                          f"{unusable_gpu() or ''} Use `device: auto` (CUDA when usable, else CPU) or "
+                          f"`device: cpu`.".replace("  ", " "))
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"params.yaml: 'device' is '{name}' but this machine has {torch.cuda.device_count()} "
                           f"CUDA GPU(s), numbered from 0. Use `device: auto` or an existing cuda:N.")
@@ -60,11 +74,62 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def nvidia_driver_version() -> Optional[str]:
+    """The loaded NVIDIA kernel driver's version (e.g. '570.86.15'), or None when no NVIDIA driver is loaded."""
+    try:
+        text = NVIDIA_DRIVER_FILE.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?:\s+for\s+\S+)?\s+(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else "unknown"
+
+
+def unusable_gpu() -> Optional[str]:
+    """Why an NVIDIA GPU that is present cannot be used by this PyTorch, or None (none present, or usable)."""
+    driver = nvidia_driver_version()
+    if driver is None or torch.cuda.is_available():
+        return None
+    present = f"An NVIDIA driver is loaded (version {driver}) but this PyTorch ({torch.__version__}) cannot use a GPU"
+    if torch.version.cuda is None:
+        return f"{present}: it is a CPU-only build; install the locked CUDA build (`make setup`)."
+    major = int(torch.version.cuda.split(".")[0])
+    needed = MINIMUM_DRIVER.get(major)
+    if needed is not None and _version(driver) < _version(needed):
+        return (f"{present}: it is built for CUDA {torch.version.cuda}, which needs driver {needed} or newer. "
+                f"Update the NVIDIA driver, or install a PyTorch build for a CUDA version your driver supports.")
+    return (f"{present} (built for CUDA {torch.version.cuda}; the driver is recent enough): no GPU is visible to "
+            f"this process. Check CUDA_VISIBLE_DEVICES, the container's GPU access (`--gpus`) and `nvidia-smi`.")
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", text))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this CUDA GPU computes bf16 in hardware (compute capability 8.0, Ampere, or newer)."""
+    return tuple(torch.cuda.get_device_capability(device)) >= NATIVE_BF16_CAPABILITY
+
+
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """`auto` is bf16 on CUDA (the fast path) and fp32 elsewhere; explicit mixed precision off CUDA is refused
-    rather than silently ignored."""
+    """`auto` is bf16 on a CUDA GPU that computes it natively (the fast path) and fp32 elsewhere: older GPUs
+    emulate bf16, slower than fp32, which this says once. Explicit mixed precision off CUDA is refused rather than
+    silently ignored."""
     if amp == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        if native_bf16(device):
+            return "bf16"
+        major, minor = torch.cuda.get_device_capability(device)
+        _warn_once(f"amp: auto chose fp32 on {torch.cuda.get_device_name(device)} (compute capability "
+                   f"{major}.{minor}): it has no native bf16 (8.0 and newer have), and emulated bf16 is slower than "
+                   f"fp32. For mixed precision on it set `amp: fp16` (with a gradient scaler; not with "
+                   f"`trainer.step: graph`).")
+        return "fp32"
     if amp != "fp32" and device.type != "cuda":
         raise ConfigError(f"params.yaml: 'amp' is '{amp}' but the stage runs on {device.type}; mixed precision is "
                           f"only supported on CUDA. Set `amp: auto` (fp32 off CUDA) or `amp: fp32`.")

@@ -10,7 +10,7 @@ from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.measure.export import check_onnx, export_onnx, fold_batchnorm
 from pipeline.measure.jacobian import first_inputs
-from pipeline.measure.latency import environment, measure_targets
+from pipeline.measure.latency import environment, measure_targets, split_targets
 from pipeline.report import accuracy_chart, latency_record, markdown_report, read_history, summary_record
 from pipeline.stage import DENSE_CHECKPOINT, FINAL_CHECKPOINT, METRICS_DIR, PLOTS_DIR, PRUNED_CHECKPOINT, \
     REPORTS_DIR, prepare_run, run_stage, stage_settings, write_json
@@ -50,9 +50,12 @@ def main(config: Config) -> None:
                        speedup_macs=metrics["macs_dense"] / metrics["macs_pruned"])
         export_onnx(fold_batchnorm(final), example, FINAL_ONNX)
         onnx_difference = check_onnx(FINAL_ONNX, final, first_inputs(test, ONNX_CHECK_SAMPLES, device))
-        comparisons = measure_targets(dense, final, example, device, runtime.amp, sorted({1, batch_size}),
-                                      config.evaluate.latency_repeats, runtime.channels_last, pruned_onnx=FINAL_ONNX)
-        latency = latency_record(comparisons, environment(device), metrics["speedup_macs"], onnx_difference)
+        targets, skipped = split_targets(config.evaluate.targets, device)
+        measured = measure_targets(dense, final, example, device, runtime.amp, sorted({1, batch_size}),
+                                   config.evaluate.latency_repeats, runtime.channels_last, pruned_onnx=FINAL_ONNX,
+                                   targets=targets)
+        latency = latency_record(measured.comparisons, environment(device), metrics["speedup_macs"], onnx_difference,
+                                 failed=measured.failed, skipped=skipped)
         summary = summary_record(metrics, latency, batch_size)
         histories = {phase: read_history(PLOTS_DIR / f"{phase}.csv") for phase in ("pretrain", "prune", "retrain")}
         accuracy_chart(histories, REPORTS_DIR / "accuracy.png")

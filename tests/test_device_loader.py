@@ -266,3 +266,21 @@ def test_each_epoch_draws_new_augmentation_when_iterated_without_the_training_lo
     by_epoch = [{decode(pixels)[0]: decode(pixels)[1:] for inputs, _ in train for pixels in as_uint8(inputs)}
                 for _ in range(2)]
     assert by_epoch[0].keys() == by_epoch[1].keys() and by_epoch[0] != by_epoch[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_loader_on_cuda_gives_the_bytes_it_gives_on_the_cpu(tmp_path, monkeypatch):
+    """Order, crops and flips come from one seeded CPU generator; the gather, flip and normalisation are exact
+    elementwise ops. So the GPU-resident loader's batches on CUDA equal its CPU batches bit for bit, every epoch."""
+    write_cifar10(tmp_path, monkeypatch)
+    config = DataConfig(name="cifar10", root=str(tmp_path), loader="device", num_workers=0)
+    loaders = {device: build_loaders(config, batch_size=48, seed=5, device=torch.device(device))[:2]
+               for device in ("cpu", "cuda")}
+    for epoch in range(2):
+        for split in (0, 1):
+            pairs = list(zip(loaders["cpu"][split], loaders["cuda"][split]))
+            assert len(pairs) == len(loaders["cpu"][split]) > 1
+            for (cpu_inputs, cpu_targets), (cuda_inputs, cuda_targets) in pairs:
+                assert cuda_inputs.device.type == "cuda"
+                assert torch.equal(cuda_inputs.cpu(), cpu_inputs), (epoch, split)
+                assert torch.equal(cuda_targets.cpu(), cpu_targets), (epoch, split)

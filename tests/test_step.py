@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -11,14 +10,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import RegularizerConfig
+from pipeline.data.loaders import TensorBatches
 from pipeline.errors import ConfigError
 from pipeline.models import create_model
 from pipeline.pruning.regularizer import TPPRegularizer
 from pipeline.pruning.selection import select_filters
 from pipeline.runtime import Runtime
-from pipeline.training.loop import TrainingHooks, fit, sgd
-from pipeline.training.step import train_step
-from pipeline.training.step import build_step
+from pipeline.training import step as step_module
+from pipeline.training.loop import TrainingHooks, fit, sgd, step_schedule
+from pipeline.training.step import build_step, train_step
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -44,7 +44,8 @@ def tpp_hooks(model: nn.Module, example: torch.Tensor) -> TPPRegularizer:
 
 
 def train(mode: str, data: List[Batch], *, device: torch.device = CPU, amp: str = "fp32",
-          channels_last: bool = False, lr_change_at: int = -1) -> Tuple[nn.Module, List[torch.Tensor]]:
+          channels_last: bool = False, lr_change_at: int = -1,
+          batch_size: Optional[int] = None) -> Tuple[nn.Module, List[torch.Tensor]]:
     """Train a fresh tiny ResNet with TPP through `build_step` in `mode`; the per-step totals it returned."""
     model = tiny_resnet(device).train()
     hooks = tpp_hooks(model, data[0][0][:1])
@@ -52,7 +53,8 @@ def train(mode: str, data: List[Batch], *, device: torch.device = CPU, amp: str 
         model.to(memory_format=torch.channels_last)
     optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     runtime = Runtime(device, amp=amp, step=mode, channels_last=channels_last)
-    step = build_step(model, optimizer, torch.amp.GradScaler(device.type, enabled=False), hooks, runtime)
+    step = build_step(model, optimizer, torch.amp.GradScaler(device.type, enabled=False), hooks, runtime,
+                      batch_size)
     totals = []
     for index, (inputs, targets) in enumerate(data):
         if index == lr_change_at:
@@ -74,7 +76,10 @@ def test_eager_step_is_the_loops_train_step_bit_for_bit():
     hooks = tpp_hooks(model, data[0][0][:1])
     optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    expected = [train_step(model, inputs, targets, optimizer, scaler, hooks, CPU, "fp32") for inputs, targets in data]
+    expected = []
+    for inputs, targets in data:
+        expected.append(train_step(model, inputs, targets, optimizer, scaler, hooks, CPU, "fp32"))
+        hooks.after_optimizer_step()
     assert all(torch.equal(a, b) for a, b in zip(totals, expected))
     assert all(torch.equal(a, b) for a, b in zip(stepped.state_dict().values(), model.state_dict().values()))
 
@@ -108,6 +113,145 @@ def test_compiled_step_equals_eager_including_a_partial_batch_and_an_lr_change()
         assert torch.allclose(got, want, atol=1e-4)
 
 
+class CountingBackend:
+    """A torch.compile backend that runs Dynamo's graphs as traced (Inductor's C++ build would take minutes here)
+    and counts the graphs it compiled and their runs: Dynamo's caching and recompile limit are the same."""
+
+    def __init__(self) -> None:
+        self.compiled = 0
+        self.runs = 0
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: List[torch.Tensor]):
+        self.compiled += 1
+
+        def run(*args):
+            self.runs += 1
+            return graph_module.forward(*args)
+
+        return run
+
+
+@pytest.fixture
+def backend(monkeypatch) -> Iterator[CountingBackend]:
+    counting = CountingBackend()
+    monkeypatch.setattr(step_module, "COMPILE_BACKEND", counting)
+    yield counting
+    torch._dynamo.reset()
+
+
+class BackendLog(TrainingHooks):
+    """The backend's counters after every step."""
+
+    def __init__(self, backend: CountingBackend) -> None:
+        self.backend = backend
+        self.compiled: List[int] = []
+        self.runs: List[int] = []
+
+    def after_optimizer_step(self) -> None:
+        self.compiled.append(self.backend.compiled)
+        self.runs.append(self.backend.runs)
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def mlp_batches(count: int = 40, batch_size: int = 16) -> TensorBatches:
+    generator = torch.Generator().manual_seed(2)
+    return TensorBatches(torch.randn(count, 1, 4, 4, generator=generator),
+                         torch.randint(0, 4, (count,), generator=generator), batch_size, shuffle=True, seed=3)
+
+
+def fit_mlp(mode: str, seed: int, hooks: TrainingHooks) -> nn.Module:
+    """Two epochs of 16 + 16 + 8 samples, the LR divided by 10 after the first (a scheduler's change)."""
+    model = tiny_mlp(seed)
+    optimizer = sgd(model, 0.1, 0.9, 5e-4)
+    fit(model, mlp_batches(count=40), [], optimizer, runtime=Runtime(CPU, step=mode), epochs=2,
+        scheduler=step_schedule(optimizer, [1], 0.1), hooks=hooks)
+    return model
+
+
+def test_compiled_fits_in_one_process_recompile_a_bounded_number_of_times_and_never_fall_back(backend, recwarn):
+    """A study runs dozens of fits in one process. Each compiles on its first two steps only (the second sees the
+    momentum buffers), not at the LR change, and every fit is compiled: without a reset per fit they all pile up
+    on one code object, and past Dynamo's recompile limit the step silently runs eagerly. The limit is lowered
+    from 8 to 2 here so that two fits show what dozens would at 8."""
+    fits = 2
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = fit_fits(backend, fits)
+    assert step_module.recompile_limit_hits() == 0
+    assert not [warning for warning in recwarn if "recompile limit" in str(warning.message)]
+    eager = fit_mlp("eager", fits - 1, TrainingHooks())
+    for name, value in eager.state_dict().items():
+        assert torch.allclose(compiled.state_dict()[name], value, atol=1e-6), name
+
+
+def fit_fits(backend: CountingBackend, fits: int) -> nn.Module:
+    """`fits` compiled fits one after the other, each checked for when it compiled; the last model."""
+    for seed in range(fits):
+        before = (backend.compiled, backend.runs)
+        log = BackendLog(backend)
+        compiled = fit_mlp("compile", seed, log)
+        assert log.compiled[1] > before[0], f"fit {seed} compiled nothing"
+        assert log.compiled[-1] == log.compiled[1], f"fit {seed} recompiled after its second step: {log.compiled}"
+        assert backend.runs > before[1], f"fit {seed} ran its full batches eagerly"
+    return compiled
+
+
+def test_a_compiled_step_that_falls_back_to_eager_says_so(backend):
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.warns(RuntimeWarning, match="recompile limit"):
+        fit_mlp("compile", 0, TrainingHooks())
+
+
+class ResumedEpoch:
+    """Batches as a run resumed at an epoch's last batch sees them: the partial batch first, then full ones."""
+
+    batch_size = 16
+
+    def __init__(self) -> None:
+        loader = mlp_batches(count=37)
+        self.batches = [*list(loader)[2:], *list(loader)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_the_full_batch_is_the_loaders_batch_size_not_the_first_batch_seen(backend):
+    """After a resume the first batch may be an epoch's partial last one: the full batches that follow must be
+    the compiled ones, and the partial ones run eagerly. The gradients are released after the fit."""
+    model = tiny_mlp()
+    log = BackendLog(backend)
+    data = ResumedEpoch()
+    fit(model, data, [], sgd(model, 0.1, 0.9, 0.0), runtime=Runtime(CPU, step="compile"), epochs=1, hooks=log)
+    runs = [after - before for before, after in zip([0, *log.runs], log.runs)]
+    sizes = [len(targets) for _, targets in data]
+    assert sizes == [5, 16, 16, 5]
+    assert [count > 0 for count in runs] == [False, True, True, False], runs
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_a_step_the_gradient_scaler_skips_does_not_advance_tpps_schedule():
+    """fp16's GradScaler skips a step whose gradients overflowed (the weights stay); λ must not move either."""
+    model = tiny_resnet().train()
+    data = batches([16, 16, 16, 16])
+    hooks = tpp_hooks(model, data[0][0][:1])
+    optimizer = sgd(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    step = build_step(model, optimizer, scaler, hooks, Runtime(CPU))
+    step(*data[0])
+    before = {name: value.clone() for name, value in model.state_dict().items() if "conv" in name}
+    step(torch.full_like(data[1][0], float("inf")), data[1][1])
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+    step(*data[2])
+    step(*data[3])
+    assert scaler.get_scale() < 2.0 ** 8
+    assert hooks.step == 3
+
+
 @pytest.mark.parametrize("runtime, key", [
     (Runtime(CPU, amp="fp16", step="graph"), "amp: fp16"),
     (Runtime(CPU, step="graph", world_size=2), "trainer.devices"),
@@ -137,21 +281,39 @@ def test_graphed_step_equals_eager_on_cuda(amp, exact_cuda_float32):
 def test_compiled_step_equals_eager_on_cuda(exact_cuda_float32):
     cuda = torch.device("cuda")
     data = batches([32] * 4 + [7], device=cuda)
-    eager, _ = train("eager", data, device=cuda, channels_last=True)
-    compiled, _ = train("compile", data, device=cuda, channels_last=True)
+    eager, _ = train("eager", data, device=cuda, channels_last=True, lr_change_at=3)
+    compiled, _ = train("compile", data, device=cuda, channels_last=True, lr_change_at=3)
     assert_close_models(compiled, eager, atol=1e-4)
 
 
 @needs_cuda
-def test_graph_capture_survives_a_pinning_dataloader_thread():
+def test_a_graphed_step_resumed_on_a_partial_batch_captures_the_full_ones(monkeypatch, exact_cuda_float32):
+    """The loader's batch size, not the first batch seen, decides what is captured."""
+    cuda = torch.device("cuda")
+    captures = []
+    capture = step_module.capture
+    monkeypatch.setattr(step_module, "capture", lambda work: captures.append(1) or capture(work))
+    data = batches([7] + [32] * 6 + [7], device=cuda)
+    eager, _ = train("eager", data, device=cuda)
+    graphed, _ = train("graph", data, device=cuda, batch_size=32)
+    assert len(captures) == 1
+    assert_close_models(graphed, eager, atol=1e-4)
+
+
+@needs_cuda
+def test_graph_capture_survives_a_pinning_dataloader_thread(exact_cuda_float32):
     """A DataLoader with pinned memory stages batches from its own thread while the step is captured; the capture
-    is thread-local, so those CUDA calls neither break it nor end up in it."""
+    is thread-local, so those CUDA calls neither break it nor end up in it: the result equals the eager one."""
     cuda = torch.device("cuda")
     generator = torch.Generator().manual_seed(0)
     dataset = TensorDataset(torch.randn(640, 1, 8, 8, generator=generator), torch.randint(0, 4, (640,),
                                                                                           generator=generator))
-    train = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, pin_memory=True, generator=generator)
-    model = tiny_resnet(cuda)
-    runtime = Runtime(cuda, amp="bf16", step="graph", channels_last=True)
-    history = fit(model, train, [], sgd(model, 0.05, 0.9, 5e-4), runtime=runtime, epochs=3)
-    assert len(history) == 3 and all(math.isfinite(record.train_loss) for record in history)
+    models = {}
+    for mode in ("eager", "graph"):
+        train = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=2, pin_memory=True,
+                           generator=torch.Generator().manual_seed(1))
+        models[mode] = tiny_resnet(cuda)
+        runtime = Runtime(cuda, step=mode, channels_last=True)
+        history = fit(models[mode], train, [], sgd(models[mode], 0.05, 0.9, 5e-4), runtime=runtime, epochs=3)
+        assert len(history) == 3 and all(math.isfinite(record.train_loss) for record in history)
+    assert_close_models(models["graph"], models["eager"], atol=1e-4)

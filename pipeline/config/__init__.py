@@ -9,10 +9,10 @@ The schema's defaults are the shipped params.yaml's values (one source; see `sch
 """
 
 from pipeline.config.load import config_from_mapping, config_to_dict, load_config, project_root, read_settings
-from pipeline.config.schema import (Config, DataConfig, EvaluateConfig, ModelConfig, PruneConfig, RegularizerConfig,
+from pipeline.config.schema import (LATENCY_TARGETS, Config, DataConfig, EvaluateConfig, ModelConfig, PruneConfig, RegularizerConfig,
                                     TrainabilityConfig, TrainConfig, TrainerConfig)
 from pipeline.config.validation import one_of, require, validate
 
-__all__ = ["Config", "DataConfig", "EvaluateConfig", "ModelConfig", "PruneConfig", "RegularizerConfig",
+__all__ = ["LATENCY_TARGETS", "Config", "DataConfig", "EvaluateConfig", "ModelConfig", "PruneConfig", "RegularizerConfig",
            "TrainabilityConfig", "TrainConfig", "TrainerConfig", "config_from_mapping", "config_to_dict",
            "load_config", "one_of", "project_root", "read_settings", "require", "validate"]

@@ -90,12 +90,17 @@ class TrainabilityConfig:
     jsv_samples: int = 32
 
 
+# Deployment targets the evaluate stage can time (graph and compile only where it runs on CUDA).
+LATENCY_TARGETS = ("eager", "onnxruntime", "graph", "compile")
+
+
 @dataclass
 class EvaluateConfig:
     """How the final comparison is measured."""
 
     latency_batch_size: int = 256
     latency_repeats: int = 20
+    targets: List[str] = field(default_factory=lambda: list(LATENCY_TARGETS))
 
 
 @dataclass

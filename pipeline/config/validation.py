@@ -8,7 +8,7 @@ import math
 import re
 from typing import Sequence
 
-from pipeline.config.schema import Config, DataConfig, PruneConfig, TrainConfig, TrainerConfig
+from pipeline.config.schema import LATENCY_TARGETS, Config, DataConfig, PruneConfig, TrainConfig, TrainerConfig
 from pipeline.errors import ConfigError
 
 AMP_MODES = ("auto", "fp32", "bf16", "fp16")
@@ -46,6 +46,12 @@ def validate(config: Config) -> None:
             "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)
     _positive("evaluate.latency_repeats", config.evaluate.latency_repeats)
+    targets = list(config.evaluate.targets)
+    unknown = [target for target in targets if target not in LATENCY_TARGETS]
+    require(not unknown, "evaluate.targets", f"{unknown} are not latency targets; choose from "
+            f"{', '.join(LATENCY_TARGETS)} (graph and compile are timed only where the evaluation runs on CUDA)")
+    require(bool(targets) and len(set(targets)) == len(targets), "evaluate.targets",
+            f"{targets} must name at least one target, each once")
 
 
 def _validate_data(data: DataConfig) -> None:

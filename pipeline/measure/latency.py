@@ -14,7 +14,8 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,12 +25,14 @@ import onnxruntime
 import torch
 from torch import nn
 
+from pipeline.config import LATENCY_TARGETS
+from pipeline.cuda_graphs import warmed_up_capture
 from pipeline.measure.export import export_onnx, fold_batchnorm, onnx_session, run_onnx
 from pipeline.runtime import autocast
 
 Forward = Callable[[], object]
 WARMUP_CALLS = 3
-TARGETS = ("eager", "onnxruntime", "graph", "compile")
+TARGETS = LATENCY_TARGETS
 
 
 @dataclass(frozen=True)
@@ -106,23 +109,9 @@ def onnx_forward(path: Path, batch: np.ndarray) -> Forward:
 
 def graphed_forward(model: nn.Module, batch: torch.Tensor, amp: str) -> Forward:
     """The forward captured once as a CUDA graph and replayed: the network's kernels without a launch per layer,
-    as a deployment runtime that plans the whole network runs them.
-
-    Warm-up calls run on a side stream first (cuDNN picks its algorithms, the allocator settles), as captures
-    want; autocast's weight-cast cache is off inside the capture, whose casts must not outlive it.
-    """
-    static_batch = batch.clone()
-    forward = torch_forward(model, static_batch, amp)
-    current, side = torch.cuda.current_stream(batch.device), torch.cuda.Stream(batch.device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(WARMUP_CALLS):
-            forward()
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.autocast(device_type="cuda", enabled=False, cache_enabled=False), \
-            torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        static_output = forward()
+    as a deployment runtime that plans the whole network runs them (warm-up and capture: `pipeline.cuda_graphs`)."""
+    forward = torch_forward(model, batch.clone(), amp)
+    graph, static_output = warmed_up_capture(forward, batch.device, WARMUP_CALLS)
 
     def replay() -> object:
         graph.replay()
@@ -131,19 +120,51 @@ def graphed_forward(model: nn.Module, batch: torch.Tensor, amp: str) -> Forward:
     return replay
 
 
+def compiled_forward(model: nn.Module, batch: torch.Tensor, amp: str) -> Forward:
+    """The forward compiled by `torch.compile` for this batch's shape (Triton kernels on CUDA)."""
+    return torch_forward(torch.compile(model, dynamic=False), batch, amp)
+
+
+FORWARDS: Dict[str, Callable[[nn.Module, torch.Tensor, str], Forward]] = {
+    "eager": torch_forward, "graph": graphed_forward, "compile": compiled_forward}
+
+
+@dataclass
+class LatencyResults:
+    """What `measure_targets` measured, and each target that failed with its error (the others were still timed)."""
+
+    comparisons: List[LatencyComparison] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+
+
 def available_targets(device: torch.device) -> Tuple[str, ...]:
     """The deployment targets this machine can time: eager on `device` and ONNX Runtime on the CPU everywhere;
     with CUDA also the forward replayed as a CUDA graph and the forward compiled by `torch.compile`."""
     return TARGETS if device.type == "cuda" else TARGETS[:2]
 
 
+def split_targets(requested: Sequence[str], device: torch.device) -> Tuple[Tuple[str, ...], Dict[str, str]]:
+    """The requested targets this device can time, and the others with the reason they are not timed here."""
+    available = available_targets(device)
+    return (tuple(target for target in available if target in requested),
+            {target: f"needs CUDA; the evaluation ran on {device.type}"
+             for target in requested if target not in available})
+
+
+def target_name(target: str, device: torch.device) -> str:
+    """A target as reported: `<target>_<where it runs>`, e.g. `eager_cuda`, `onnxruntime_cpu`."""
+    return "onnxruntime_cpu" if target == "onnxruntime" else f"{target}_{device.type}"
+
+
 def measure_targets(dense: nn.Module, pruned: nn.Module, example: torch.Tensor, device: torch.device, amp: str,
                     batch_sizes: Sequence[int], repeats: int, channels_last: bool = False,
                     pruned_onnx: Optional[Path] = None,
-                    targets: Optional[Sequence[str]] = None) -> List[LatencyComparison]:
+                    targets: Optional[Sequence[str]] = None) -> LatencyResults:
     """Dense vs pruned at every batch size on each of `targets` (default: all `available_targets`); both
-    BN-folded. A target is reported as `<target>_<where it runs>`, e.g. `eager_cuda`, `onnxruntime_cpu`.
+    BN-folded. A target is reported as `target_name`.
 
+    A target that fails (a capture error, `torch.compile` without a C compiler for Triton) is recorded with its
+    error, with a warning, and left out at every batch size; the other targets are still timed.
     `pruned_onnx` reuses an already exported (folded) pruned network; the dense one is exported to a temporary file.
     """
     targets = _checked_targets(targets, device)
@@ -151,29 +172,39 @@ def measure_targets(dense: nn.Module, pruned: nn.Module, example: torch.Tensor, 
     folded = {name: fold_batchnorm(model).to(device, memory_format=memory_format)
               for name, model in (("dense", dense), ("pruned", pruned))}
     synchronize = _synchronizer(device)
-    results = []
+    results = LatencyResults()
+    onnx_files: Dict[str, Path] = {}
     with tempfile.TemporaryDirectory() as folder:
-        if "onnxruntime" in targets:
-            onnx_files = {"dense": export_onnx(folded["dense"], example, Path(folder) / "dense.onnx"),
-                          "pruned": pruned_onnx or export_onnx(folded["pruned"], example,
-                                                               Path(folder) / "pruned.onnx")}
         for batch_size in batch_sizes:
             batch = _batch(example, batch_size).to(device, memory_format=memory_format)
             host = _batch(example, batch_size).cpu().float().numpy()
             for target in targets:
-                if target == "onnxruntime":
-                    forwards = [onnx_forward(onnx_files[side], host) for side in ("dense", "pruned")]
-                    results.append(compare("onnxruntime_cpu", batch_size, *forwards, repeats, lambda: None))
+                name = target_name(target, device)
+                if name in results.failed:
                     continue
-                if target == "eager":
-                    forwards = [torch_forward(folded[side], batch, amp) for side in ("dense", "pruned")]
-                elif target == "graph":
-                    forwards = [graphed_forward(folded[side], batch, amp) for side in ("dense", "pruned")]
-                else:
-                    forwards = [torch_forward(torch.compile(folded[side], dynamic=False), batch, amp)
-                                for side in ("dense", "pruned")]
-                results.append(compare(f"{target}_{device.type}", batch_size, *forwards, repeats, synchronize))
+                try:
+                    if target == "onnxruntime":
+                        onnx_files = onnx_files or _exported(folded, example, Path(folder), pruned_onnx)
+                        forwards = [onnx_forward(onnx_files[side], host) for side in ("dense", "pruned")]
+                        results.comparisons.append(compare(name, batch_size, *forwards, repeats, lambda: None))
+                    else:
+                        forwards = [FORWARDS[target](folded[side], batch, amp) for side in ("dense", "pruned")]
+                        results.comparisons.append(compare(name, batch_size, *forwards, repeats, synchronize))
+                except Exception as error:
+                    results.failed[name] = f"{type(error).__name__}: {_first_line(error)}"
+                    results.comparisons = [row for row in results.comparisons if row.target != name]
+                    warnings.warn(f"The {name} latency target failed and is left out of the comparison "
+                                  f"({results.failed[name]}); the other targets are still timed. Leave it out of "
+                                  f"evaluate.targets if it cannot work on this machine.", RuntimeWarning,
+                                  stacklevel=2)
     return results
+
+
+def _exported(folded: Dict[str, nn.Module], example: torch.Tensor, folder: Path,
+              pruned_onnx: Optional[Path]) -> Dict[str, Path]:
+    """ONNX files of both folded networks, reusing `pruned_onnx` when given."""
+    return {"dense": export_onnx(folded["dense"], example, folder / "dense.onnx"),
+            "pruned": pruned_onnx or export_onnx(folded["pruned"], example, folder / "pruned.onnx")}
 
 
 def _checked_targets(targets: Optional[Sequence[str]], device: torch.device) -> Tuple[str, ...]:
@@ -188,19 +219,16 @@ def _checked_targets(targets: Optional[Sequence[str]], device: torch.device) -> 
     return tuple(target for target in available if target in targets)
 
 
-def latency_pair(dense: nn.Module, pruned: nn.Module, batch: torch.Tensor, repeats: int) -> Tuple[float, float]:
-    """Median seconds per eager fp32 forward of `batch`, dense and pruned as given (no folding), interleaved."""
-    dense_times, pruned_times = interleaved_times(torch_forward(dense.eval(), batch, "fp32"),
-                                                  torch_forward(pruned.eval(), batch, "fp32"), repeats,
-                                                  _synchronizer(batch.device))
-    return statistics.median(dense_times), statistics.median(pruned_times)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def environment(device: torch.device) -> Dict[str, object]:
     """What the figures were measured on and with: device, CPU, threads and library versions."""
     return {"device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-            "cpu": _cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "cuda": torch.version.cuda if device.type == "cuda" else None}
 
@@ -218,7 +246,7 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     """The CPU model (from /proc/cpuinfo on Linux), else what `platform` knows."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

@@ -118,12 +118,12 @@ class Trainer:
         self.position = _Position()
         self._pending_rng: Optional[Mapping[str, Any]] = None
 
-    def _build_step(self) -> StepFunction:
+    def _build_step(self, batch_size: Optional[int]) -> StepFunction:
         """The step as configured (eager, compiled or a CUDA graph), through DDP when several processes train."""
         if self.runtime.channels_last:
             self.model.to(memory_format=torch.channels_last)
         forward = distributed.wrap(self.model, self.runtime.device, self.runtime.world_size)
-        return build_step(forward, self.optimizer, self.scaler, self.hooks, self.runtime)
+        return build_step(forward, self.optimizer, self.scaler, self.hooks, self.runtime, batch_size)
 
     def fit(self, train_batches: Batches, test_batches: Batches, *, epochs: Optional[int] = None,
             max_steps: Optional[int] = None) -> List[EpochRecord]:
@@ -136,13 +136,14 @@ class Trainer:
         epochs = epochs if epochs is not None else math.ceil(max_steps / steps_per_epoch)
         total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
         order_state = self._restore()
-        step_function = self._build_step()
+        step_function = self._build_step(_process_batch_size(train_batches, self.runtime.world_size))
         with StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
             progress.advance(self.position.step)
             while self.position.epoch <= epochs and not self._done(total_steps):
                 self._run_epoch(step_function, train_batches, test_batches, epochs, total_steps, progress,
                                 order_state)
                 order_state = None
+        self.model.zero_grad(set_to_none=True)   # a captured step's gradients would keep its graph's memory pool
         return list(self.position.history)
 
     def _done(self, total_steps: int) -> bool:
@@ -153,7 +154,7 @@ class Trainer:
         """One epoch from the current position (mid-epoch after a resume), then its evaluation and record."""
         started = time.perf_counter()
         position = self.position
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])   # a tensor in compile mode
         self.model.train()
         epoch_order = _start_epoch(train_batches, position.epoch, order_state)
         batches = _skip(train_batches, position.batch)
@@ -276,6 +277,15 @@ def _order_generator(batches: Batches) -> Optional[torch.Generator]:
     owner = getattr(batches, "sampler", batches)
     generator = getattr(owner, "generator", None)
     return generator if isinstance(generator, torch.Generator) else None
+
+
+def _process_batch_size(batches: Batches, world_size: int) -> Optional[int]:
+    """A full batch's size in this process (None when the batches do not say): in-memory batches hold the global
+    batch and give each process its share; a DataLoader's batch size is the process's already."""
+    size = getattr(batches, "batch_size", None)
+    if size is None:
+        return None
+    return size // world_size if hasattr(batches, "world_size") else size
 
 
 def _skip(batches: Batches, count: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
