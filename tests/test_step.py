@@ -17,7 +17,7 @@ from pipeline.pruning.regularizer import TPPRegularizer
 from pipeline.pruning.selection import select_filters
 from pipeline.runtime import Runtime
 from pipeline.training import step as step_module
-from pipeline.training.loop import TrainingHooks, fit, sgd, step_schedule
+from pipeline.training.loop import TrainingHooks, fit, sgd, milestone_schedule
 from pipeline.training.step import build_step, train_step
 
 CPU = torch.device("cpu")
@@ -168,7 +168,7 @@ def fit_mlp(mode: str, seed: int, hooks: TrainingHooks) -> nn.Module:
     model = tiny_mlp(seed)
     optimizer = sgd(model, 0.1, 0.9, 5e-4)
     fit(model, mlp_batches(count=40), [], optimizer, runtime=Runtime(CPU, step=mode), epochs=2,
-        scheduler=step_schedule(optimizer, [1], 0.1), hooks=hooks)
+        scheduler=milestone_schedule(optimizer, [1], 0.1), hooks=hooks)
     return model
 
 
