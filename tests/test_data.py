@@ -37,7 +37,7 @@ def sha256_of(path: Path) -> str:
 
 
 def loaders(name: str, root: Path, batch_size: int = 64, seed: int = 0, **options):
-    config = DataConfig(name=name, root=str(root), **options)
+    config = DataConfig(name=name, root=str(root), **{"num_workers": 0, **options})  # in-process unless asked
     return build_loaders(config, batch_size=batch_size, seed=seed, device=CPU)
 
 
