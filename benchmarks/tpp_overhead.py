@@ -201,7 +201,7 @@ def hooks_for(variant: str, model: nn.Module, spec: ModelSpec, example: torch.Te
     if variant == "reference":
         return ReferenceStyleTPP(model, pruned, example, config, step=LambdaSchedule.from_config(config).update_steps)
     regularizer = TPPRegularizer(model, pruned, example, config)
-    regularizer.step = regularizer.schedule.update_steps
+    regularizer.iteration = regularizer.schedule.update_steps
     return regularizer
 
 

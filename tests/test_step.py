@@ -60,7 +60,7 @@ def train(mode: str, data: List[Batch], *, device: torch.device = CPU, amp: str 
         if index == lr_change_at:
             optimizer.param_groups[0]["lr"] *= 0.1
         totals.append(step(inputs, targets).clone())
-    assert hooks.step == len(data)
+    assert hooks.iteration == len(data)
     return model, totals
 
 
@@ -249,7 +249,7 @@ def test_a_step_the_gradient_scaler_skips_does_not_advance_tpps_schedule():
     step(*data[2])
     step(*data[3])
     assert scaler.get_scale() < 2.0 ** 8
-    assert hooks.step == 3
+    assert hooks.iteration == 3
 
 
 @pytest.mark.parametrize("runtime, key", [

@@ -186,7 +186,7 @@ def test_gradient_injection_equals_explicit_half_lambda_l2_loss():
     pruned = {"conv_a": torch.tensor([1, 4]), "conv_b": torch.tensor([0])}
     config = RegularizerConfig(alpha=0.0, delta=0.5, interval=1, max_lambda=1.0, stabilize_steps=0)
     regularizer = TPPRegularizer(model, pruned, torch.zeros(1, 1, 6, 6), config)
-    regularizer.step = 1
+    regularizer.iteration = 1
     lam = regularizer.current_lambda
     assert lam == 0.5
 
@@ -290,7 +290,7 @@ def resnet56_tpp():
 
 def test_batched_gram_terms_equal_the_per_layer_sum_on_resnet56(resnet56_tpp):
     model, pruned, regularizer = resnet56_tpp
-    regularizer.step = 3
+    regularizer.iteration = 3
     assert len(regularizer.groups) == 5 and sum(len(group.weights) for group in regularizer.groups) == 27
     weights = [model.get_submodule(name).weight for name in pruned]
     batched = regularizer.extra_loss()
@@ -307,7 +307,7 @@ def test_batched_gram_terms_equal_the_per_layer_sum_on_resnet56(resnet56_tpp):
 def test_foreach_injection_equals_per_layer_l2_and_bn_terms_on_resnet56(resnet56_tpp, channels_last):
     model, pruned, regularizer = resnet56_tpp
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    regularizer.step = 4
+    regularizer.iteration = 4
     lam = regularizer.current_lambda
     generator = torch.Generator().manual_seed(1)
     for parameter in model.parameters():
@@ -328,7 +328,7 @@ def test_foreach_injection_equals_per_layer_l2_and_bn_terms_on_resnet56(resnet56
 def test_at_lambda_zero_the_terms_are_exact_zeros_not_skipped(resnet56_tpp):
     """A captured step has the same operations at every step: λ = 0 contributes zeros instead of nothing."""
     model, pruned, regularizer = resnet56_tpp
-    regularizer.step = 0
+    regularizer.iteration = 0
     assert regularizer.current_lambda == 0
     loss = regularizer.extra_loss()
     assert loss is not None and loss.item() == 0
@@ -350,7 +350,7 @@ def test_resume_restores_the_schedule_step_and_the_lambda_the_step_reads():
         first.after_optimizer_step()
     restored = TPPRegularizer(model, {"conv_a": torch.tensor([1])}, torch.zeros(1, 1, 6, 6), config)
     restored.load_state_dict(first.state_dict())
-    assert restored.step == 5 and restored.current_lambda == 0.5 and not restored.finished()
+    assert restored.iteration == 5 and restored.current_lambda == 0.5 and not restored.finished()
     model.conv_a.weight.grad = torch.zeros_like(model.conv_a.weight)
     restored.before_optimizer_step()
     assert torch.equal(model.conv_a.weight.grad[1], 0.5 * model.conv_a.weight.detach()[1])

@@ -169,7 +169,7 @@ class TPPRegularizer(TrainingHooks):
         self._lambda = torch.zeros((), device=device)
         self._strength = torch.zeros((), device=device)
         self._device_step: Optional[int] = None
-        self.step = 0
+        self.iteration = 0
 
     @staticmethod
     def _prepare_layer(graph, model: nn.Module, name: str, indices: torch.Tensor) -> _PrunedLayer:
@@ -189,13 +189,14 @@ class TPPRegularizer(TrainingHooks):
         return tensors
 
     @property
-    def step(self) -> int:
-        """Optimizer steps taken under this schedule (host-side: reading it never waits for the device)."""
-        return self._step
+    def iteration(self) -> int:
+        """Optimizer steps taken under this schedule, the t of λ_t (host-side: reading it never waits for the
+        device)."""
+        return self._iteration
 
-    @step.setter
-    def step(self, value: int) -> None:
-        self._step = int(value)
+    @iteration.setter
+    def iteration(self, value: int) -> None:
+        self._iteration = int(value)
         self._refresh_device_lambda()
 
     def _refresh_device_lambda(self) -> None:
@@ -208,15 +209,15 @@ class TPPRegularizer(TrainingHooks):
         if self._device_step is None or lam != self.schedule(self._device_step):
             self._lambda.fill_(lam)
             self._strength.fill_(self.config.alpha * lam)
-        self._device_step = self._step
+        self._device_step = self._iteration
 
     @property
     def current_lambda(self) -> float:
-        return self.schedule(self.step)
+        return self.schedule(self.iteration)
 
     @property
     def stabilizing(self) -> bool:
-        return self.step >= self.schedule.update_steps
+        return self.iteration >= self.schedule.update_steps
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """α·λ_t·Σ_l R_l, one batched Gram per weight shape; None when α is 0 or the term is switched off.
@@ -243,7 +244,7 @@ class TPPRegularizer(TrainingHooks):
                 [tensor.aligned_mask() for tensor in present])
 
     def after_optimizer_step(self) -> None:
-        self.step += 1
+        self.iteration += 1
         if self.config.zero_out:
             self._zero_out_due_layers()
 
@@ -256,7 +257,7 @@ class TPPRegularizer(TrainingHooks):
         is then re-zeroed at every step, since momentum would bring its weights back: its filter rows and its
         BatchNorm's γ/β, not its bias, like the reference.
         """
-        since = self.step - 1 - self.schedule.update_steps
+        since = self.iteration - 1 - self.schedule.update_steps
         for layer in self.layers:
             if since >= (self.zero_out_index[layer.name] + 1) * self.config.zero_out_interval:
                 for member in layer.members:
@@ -268,17 +269,17 @@ class TPPRegularizer(TrainingHooks):
                                 parameter[member.indices.to(parameter.device)] = 0
 
     def finished(self) -> bool:
-        return self.step >= self.schedule.total_steps
+        return self.iteration >= self.schedule.total_steps
 
     def state_dict(self) -> Dict[str, int]:
-        return {"step": self.step}
+        return {"iteration": self.iteration}
 
     def advice(self) -> str:
         return (f", or make TPP's penalties grow more gently: prune.reg.alpha (now {self.config.alpha:g}) or "
                 f"prune.reg.delta (now {self.config.delta:g}, λ is {self.current_lambda:g} at this step)")
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.step = int(state["step"])
+        self.iteration = int(state["iteration"])
 
 
 def _entry_mask(parameter: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
