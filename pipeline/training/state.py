@@ -5,12 +5,18 @@ position), every RNG (python, numpy, torch, CUDA), the generator state that drew
 the position inside the epoch, the epoch's running sums and the history so far. It is written atomically and
 carries a fingerprint of what produced it (settings, data, code, input checkpoints): a file with another
 fingerprint is discarded with a message, never reused. Files load with `torch.load(weights_only=True)`.
+
+`kill_point` is a test hook: tests/test_resume.py and tests/test_train.py set `KILL_AT_VARIABLE` to kill a run at an
+exact position (after a step, right after a checkpoint, during the epoch-end evaluation) instead of at a moment
+picked by timing. Unset, it does nothing.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -22,6 +28,7 @@ from pipeline.files import atomic_write_bytes
 
 RESUME_FORMAT = "tpp-pipeline/resume"
 RESUME_VERSION = 1
+KILL_AT_VARIABLE = "TPP_PIPELINE_TEST_KILL_AT"
 
 
 @dataclass(frozen=True)
@@ -87,3 +94,18 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def kill_point(stage: str, event: str, number: int) -> None:
+    """Test hook: SIGKILL this process when `KILL_AT_VARIABLE` is `<stage>:<event>:<number>`; see the module doc.
+
+    The loop's events: `step` (after step N, before its checkpoint), `checkpoint` (right after the step
+    checkpoint at step N), `evaluate` (in epoch N's evaluation, between the test pass and the hooks' measurements),
+    `epoch_end` (right after epoch N's checkpoint, before the next epoch's first batch)."""
+    if os.environ.get(KILL_AT_VARIABLE) == f"{stage}:{event}:{number}":
+        kill()
+
+
+def kill() -> None:
+    """What `kill_point` does: SIGKILL, like `kill -9` (in-process tests replace it with raising an exception)."""
+    os.kill(os.getpid(), signal.SIGKILL)
