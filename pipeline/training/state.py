@@ -101,8 +101,10 @@ def kill_point(stage: str, event: str, number: int) -> None:
 
     The loop's events: `step` (after step N, before its checkpoint), `checkpoint` (right after the step
     checkpoint at step N), `evaluate` (in epoch N's evaluation, between the test pass and the hooks' measurements),
-    `epoch_end` (right after epoch N's checkpoint, before the next epoch's first batch)."""
-    if os.environ.get(KILL_AT_VARIABLE) == f"{stage}:{event}:{number}":
+    `epoch_end` (right after epoch N's checkpoint, before the next epoch's first batch). Under torchrun only
+    rank 0, the one that writes the resume file, is killed (torchrun then stops the others), so the file left
+    behind does not depend on which process died first."""
+    if os.environ.get(KILL_AT_VARIABLE) == f"{stage}:{event}:{number}" and os.environ.get("RANK", "0") == "0":
         kill()
 
 
