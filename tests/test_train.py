@@ -213,7 +213,8 @@ def phase_run(folder, phase, checkpoint_every=5, loader="tensor"):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Each phase run once without a kill (for both checkpoint intervals used: they must not change results)."""
+    """Each phase run once without a kill, checkpointing every 5 steps (the interval changes no result, so the
+    9-step case compares with these too)."""
     return {phase: phase_run(tmp_path_factory.mktemp(phase), phase) for phase in PHASES}
 
 
@@ -263,13 +264,16 @@ def test_a_run_killed_at_any_position_resumes_to_identical_outputs(tmp_path, mon
     assert not (tmp_path / ".resume.pt.tmp").exists()
 
 
+@pytest.mark.parametrize("label, expected", [("epoch_end:2", (12, 3, 0)), ("step:17", (15, 3, 3))],
+                         ids=["epoch-boundary", "mid-epoch"])
 @pytest.mark.parametrize("loader", ["device", "workers"])
-def test_other_loaders_resume_at_an_epoch_boundary_with_identical_outputs(tmp_path, monkeypatch, kill_at, loader):
+def test_other_loaders_resume_with_identical_outputs(tmp_path, monkeypatch, kill_at, loader, label, expected):
     """The device loader (order, crops and flips from one generator) and a DataLoader with a worker process
-    (order from its sampler's generator, augmentation seeded per sample) continue the next epoch's draws."""
+    (order from its sampler's generator, augmentation seeded per sample) replay the interrupted epoch's draws and
+    continue with the next epoch's."""
     reference = phase_run(tmp_path / "reference", "pretrain", loader=loader)
-    where, _ = kill_and_resume(tmp_path, monkeypatch, kill_at, "pretrain", "epoch_end:2", 5, loader)
-    assert where == (12, 3, 0)
+    where, _ = kill_and_resume(tmp_path, monkeypatch, kill_at, "pretrain", label, 5, loader)
+    assert where == expected
     assert_same_outputs(phase_run(tmp_path, "pretrain", loader=loader), reference)
 
 
