@@ -232,7 +232,8 @@ class Trainer:
 
     def _restore(self) -> Optional[torch.Tensor]:
         """Load a matching resume file into the model, optimizer, scheduler, hooks and RNGs; return the saved
-        generator state of the interrupted epoch's order (None at an epoch boundary or without a file).
+        state of the generator that draws the order of the epoch to continue or start (None without a file, or
+        for batches without such a generator).
 
         The RNGs are restored only once the interrupted epoch's first batches have been skipped, because batches
         that are produced to be dropped may draw from the global RNG."""

@@ -1,14 +1,15 @@
 """Resume checkpoints: everything the training loop needs to continue a killed run exactly where it stopped.
 
 A resume file holds the model, optimizer, LR scheduler, gradient scaler, the hooks' state (TPP's schedule
-position), every RNG (python, numpy, torch, CUDA), the generator state that drew the current epoch's sample order,
-the position inside the epoch, the epoch's running sums and the history so far. It is written atomically and
-carries a fingerprint of what produced it (settings, data, code, input checkpoints): a file with another
-fingerprint is discarded with a message, never reused. Files load with `torch.load(weights_only=True)`.
+position), every RNG (python, numpy, torch, CUDA), the state of the generator that draws the current epoch's
+sample order (the next epoch's in a file written at an epoch end), the position inside the epoch, the epoch's
+running sums and the history so far. It is written atomically and carries a fingerprint of what produced it
+(settings, data, code, input checkpoints): a file with another fingerprint is discarded with a message, never
+reused. Files load with `torch.load(weights_only=True)`.
 
-`kill_point` is a test hook: tests/test_resume.py and tests/test_train.py set `KILL_AT_VARIABLE` to kill a run at an
-exact position (after a step, right after a checkpoint, during the epoch-end evaluation) instead of at a moment
-picked by timing. Unset, it does nothing.
+`kill_point` is a test hook: tests/test_resume.py and tests/test_train.py set `KILL_AT_VARIABLE` to kill a run at
+an exact position (after a step, right after a checkpoint, during the epoch-end evaluation) instead of at a
+moment picked by timing. Unset, it does nothing.
 """
 
 from __future__ import annotations
