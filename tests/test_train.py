@@ -132,13 +132,16 @@ def shuffled_run(tmp_path, hooks, fingerprint="same"):
 # Kill positions, in-process: the test hook `kill_point` raises `Killed` where a real run would be SIGKILLed.
 # 90 samples in batches of 16: 6 steps an epoch. With checkpoints every 5 steps the resume files are written at
 # steps 5, 6 (end of epoch 1), 10, 12 (end of epoch 2), 15, 18 (end of epoch 3), 20 and 24 (21 for prune).
-# Each case: (kill label, checkpoint_every, (step, epoch, batch) of the resume file the next run continues from).
+# Each case: (kill label, checkpoint_every, (step, epoch, batch) of the resume file the next run continues from,
+# per phase where they differ).
 KILL_POSITIONS = {
     "mid-epoch between step checkpoints": ("step:17", 5, (15, 3, 3)),
     "right after a step checkpoint": ("checkpoint:15", 5, (15, 3, 3)),
     "right after an epoch-end checkpoint": ("epoch_end:2", 5, (12, 3, 0)),
     "during the epoch-end evaluation": ("evaluate:3", 5, (15, 3, 3)),
     "during the evaluation after a checkpoint at the epoch's last step": ("evaluate:3", 9, (18, 3, 6)),
+    "during the last evaluation after a checkpoint at the last step": (
+        "evaluate:4", 3, {"pretrain": (24, 4, 6), "prune": (21, 4, 3), "retrain": (24, 4, 6)}),
     "while the resume file is written (partial temporary file)": ("step:20", 5, (18, 4, 0)),
     "while the resume file is written (truncated file)": ("checkpoint:15", 5, None),
 }
@@ -257,7 +260,7 @@ def test_a_run_killed_at_any_position_resumes_to_identical_outputs(tmp_path, mon
     if expected is None:  # a torn resume file (a filesystem without atomic rename): discarded, training restarts
         (tmp_path / "resume.pt").write_bytes((tmp_path / "resume.pt").read_bytes()[:4096])
     else:
-        assert where == expected
+        assert where == (expected[phase] if isinstance(expected, dict) else expected)
     if "partial temporary file" in position:  # the kill came as the next save began, halfway through its write
         (tmp_path / ".resume.pt.tmp").write_bytes((tmp_path / "resume.pt").read_bytes()[:4096])
     assert_same_outputs(phase_run(tmp_path, phase, checkpoint_every), uninterrupted[phase])

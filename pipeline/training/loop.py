@@ -139,11 +139,18 @@ class Trainer:
         step_function = self._build_step()
         with StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
             progress.advance(self.position.step)
-            while self.position.epoch <= epochs and not self._done(total_steps):
+            while self._epoch_to_run(epochs, total_steps):
                 self._run_epoch(step_function, train_batches, test_batches, epochs, total_steps, progress,
                                 order_state)
                 order_state = None
         return list(self.position.history)
+
+    def _epoch_to_run(self, epochs: int, total_steps: int) -> bool:
+        """Another epoch to train, or the current one to end: an epoch with trained batches always gets its
+        evaluation, record and epoch-end checkpoint, also in a run resumed after its last step (killed during the
+        last evaluation)."""
+        position = self.position
+        return position.epoch <= epochs and (position.batch > 0 or not self._done(total_steps))
 
     def _done(self, total_steps: int) -> bool:
         return self.position.step >= total_steps or self.hooks.finished()
