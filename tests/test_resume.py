@@ -1,5 +1,11 @@
-"""Long runs survive a kill: a real `dvc repro` is killed with SIGKILL in the middle of an epoch, and the next
-`dvc repro` continues from the resume checkpoint and writes byte-identical outputs (CPU)."""
+"""Long runs survive a kill: real `dvc repro` runs are killed with SIGKILL, and the next `dvc repro` continues from
+the resume checkpoint and writes byte-identical outputs (CPU).
+
+Kills land at exact positions through the library's test hook (`pipeline.training.state.kill_point`, armed by
+`TPP_PIPELINE_TEST_KILL_AT`), so no test depends on timing; one test kills the whole process group at a moment
+picked by watching the resume file, as a user would. The in-process versions of every position, fast, are in
+tests/test_train.py.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +14,22 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import pytest
 import torch
 
+from pipeline.training.state import KILL_AT_VARIABLE
+from test_data import write_mnist
 from tiny_repo import TINY, environment, locked_outputs, make_repo, run, set_params
 
 # Slow (minutes): real `dvc repro` runs killed mid-stage and rerun.
 # `make test-slow` and CI run them.
 pytestmark = pytest.mark.slow
 
-# Long enough that a kill lands mid-epoch: the prune stage regularizes for 4 + 40 steps (23 steps an epoch).
+# Long enough that a kill lands mid-epoch: 23 steps an epoch, resume files every 3 steps and at epoch ends (steps
+# 23, 46, 69). pretrain: 2 epochs (46 steps); prune regularizes for 4 + 40 steps (its 2nd epoch is partial);
+# retrain: 3 epochs (69 steps, so a step checkpoint falls on the last batch).
 LONGER = {**TINY, "prune.reg.stabilize_steps": 40, "retrain.epochs": 3, "retrain.milestones": [2],
           "trainer.checkpoint_every": 3}
 # Outputs holding measured time (latency, and the summary that quotes its speed-ups), which differ between runs.
@@ -103,3 +113,109 @@ def test_diverged_loss_stops_naming_stage_step_and_knobs_and_keeps_the_last_good
     assert all(torch.isfinite(value).all() for value in kept["model"].values() if value.is_floating_point())
     assert (repo / "models" / "pruned.pt").read_bytes() == pruned, "no output is written by a diverged stage"
     (repo / "resume" / "prune.pt").unlink()
+
+
+# Every kind of kill position, one after another in the same stage: each run is killed at the next position and
+# the following one resumes from the file the kill left. (kill label, torn write to leave behind, the resume
+# file's (step, epoch, batch) after the kill; None: the file is torn, so the next run starts over).
+KILL_CHAIN = [
+    ("checkpoint:3", "truncated file", None),  # torn resume file (a filesystem without atomic rename)
+    ("step:8", None, (6, 1, 6)),  # mid-epoch between step checkpoints
+    ("checkpoint:12", None, (12, 1, 12)),  # right after a step checkpoint
+    ("step:15", "partial temporary file", (12, 1, 12)),  # while the step-15 file is being written
+    ("evaluate:1", None, (21, 1, 21)),  # during the epoch-end evaluation
+    ("epoch_end:1", None, (23, 2, 0)),  # right after the epoch-end checkpoint, before the next epoch's first batch
+]
+# retrain's 3rd epoch ends on a step checkpoint: killed during its evaluation, the run resumes after the last batch.
+EXTRA_KILLS = {"retrain": [("evaluate:3", None, (69, 3, 23))]}
+
+
+def kill_at(repo: Path, stage: str, label: str, command: Sequence[str]) -> tuple:
+    """Run `command` with the kill hook armed at `<stage>:<label>`; return its output and the position (step,
+    epoch, batch) of the resume file the kill left (None if there is none)."""
+    code, output = run(command, repo, check=False, **{KILL_AT_VARIABLE: f"{stage}:{label}"})
+    assert code != 0, f"{stage} was not killed at {label}:\n{output[-2000:]}"
+    state = read_resume(repo / "resume" / f"{stage}.pt")
+    return output, None if state is None else (state["step"], state["epoch"], state["batch"])
+
+
+def leave_torn_write(resume: Path, torn: str) -> None:
+    """What a kill in the middle of writing `resume` leaves: with the atomic write, the previous file and a partial
+    temporary one; on a filesystem without atomic rename, the file itself cut short."""
+    partial = resume.read_bytes()[:4096]
+    (resume.with_name(f".{resume.name}.tmp") if torn == "partial temporary file" else resume).write_bytes(partial)
+
+
+def assert_started_from(output: str, stage: str, position: Optional[tuple]) -> None:
+    """The run said it resumed from `position`, or (None) started from the beginning without resuming."""
+    if position is None:
+        assert "resuming from" not in output, output[-2000:]
+    else:
+        step, epoch, batch = position
+        assert f"[{stage}] resuming from resume/{stage}.pt: step {step}, epoch {epoch}, batch {batch}\n" in output, \
+            output[-2000:]
+
+
+def assert_outputs_equal(repo: Path, files: Sequence[str], expected: Mapping[str, bytes]) -> None:
+    for name in files:
+        assert (repo / name).read_bytes() == expected[name], f"{name} differs from the uninterrupted run's"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "prune", "retrain"])
+def test_kills_at_every_position_then_repro_writes_identical_outputs(repo: Path, stage: str) -> None:
+    """A stage killed at each kind of position in turn (a torn resume file, mid-epoch, right after a step
+    checkpoint, while a checkpoint is being written, during the evaluation, right after an epoch-end checkpoint):
+    every `dvc repro` continues from the right file, and the last one writes the same bytes as an uninterrupted
+    run."""
+    run(["dvc", "repro"], repo)
+    uninterrupted = locked_outputs(repo)
+    resume = repo / "resume" / f"{stage}.pt"
+    resume.unlink(missing_ok=True)
+    command = ["dvc", "repro", "--single-item", "--force", stage]
+    start: Optional[tuple] = None
+    discarded = False
+    for label, torn, position in KILL_CHAIN + EXTRA_KILLS.get(stage, []):
+        output, found = kill_at(repo, stage, label, command)
+        assert_started_from(output, stage, start)
+        assert discarded == (f"discarding resume/{stage}.pt: it is not a readable resume file" in output)
+        if torn == "truncated file":
+            leave_torn_write(resume, torn)
+        else:
+            assert found == position, f"the resume file after a kill at {label}"
+            if torn is not None:
+                leave_torn_write(resume, torn)
+        start, discarded = position, torn == "truncated file"
+    _, output = run(command, repo)
+    assert_started_from(output, stage, start)
+    assert not resume.exists() and not resume.with_name(f".{resume.name}.tmp").exists()
+    assert locked_outputs(repo) == uninterrupted
+
+
+# One kill position (right after an epoch-end checkpoint) under two processes and with DataLoader workers: the
+# pretrain stage run directly in a copy of its own, since these settings change what every stage depends on.
+PRETRAIN_OUTPUTS = ("models/dense.pt", "metrics/pretrain.json", "plots/pretrain.csv")
+MNIST = ["data.name=mnist", "data.loader=workers", "data.num_workers=1", "pretrain.batch_size=16",
+         "data.eval_batch_size=16", "pretrain.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    root = make_repo(tmp_path_factory.mktemp("resume-plain"), {**TINY, "trainer.checkpoint_every": 3})
+    write_mnist(root / "data", train_count=96, test_count=16)
+    return root
+
+
+@pytest.mark.parametrize("overrides, position", [
+    (["trainer.devices=2"], (23, 2, 0)),  # digits: 23 global batches an epoch, each split over 2 processes (gloo)
+    (MNIST, (6, 2, 0)),  # 96 images in batches of 16, loaded by a worker process
+], ids=["two-processes", "dataloader-workers"])
+def test_kill_right_after_an_epoch_end_checkpoint_under_torchrun_and_with_workers(plain: Path, overrides: list,
+                                                                               position: tuple) -> None:
+    command = ["python", "stages/pretrain.py", *overrides]
+    run(command, plain)
+    uninterrupted = {name: (plain / name).read_bytes() for name in PRETRAIN_OUTPUTS}
+    _, found = kill_at(plain, "pretrain", "epoch_end:1", command)
+    assert found == position
+    _, output = run(command, plain)
+    assert_started_from(output, "pretrain", position)
+    assert_outputs_equal(plain, PRETRAIN_OUTPUTS, uninterrupted)

@@ -7,9 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.runtime import Runtime
+from torch.utils.data import Dataset
+
+from pipeline.config import DataConfig, RegularizerConfig
 from pipeline.data import TensorBatches
+from pipeline.data.device import DeviceBatches
+from pipeline.data.loaders import _dataloaders, _Feed
 from pipeline.errors import TrainingError
+from pipeline.measure.jacobian import JacobianProbe
+from pipeline.pruning.regularizer import TPPRegularizer
+from pipeline.runtime import Runtime
+from pipeline.training import state
 from pipeline.training.loop import TrainingHooks, evaluate, fit, milestone_schedule, sgd
 from pipeline.training.state import ResumeFile
 
@@ -108,7 +116,7 @@ class CrashAfter(TrainingHooks):
 
 def shuffled_run(tmp_path, hooks, fingerprint="same"):
     """A seeded model trained on shuffled TensorBatches with a momentum optimizer, an LR schedule and a resume file
-    written every 4 steps: everything a resume must restore."""
+    written every 4 steps."""
     torch.manual_seed(0)
     inputs = torch.randn(90, 4, generator=torch.Generator().manual_seed(1))
     train = TensorBatches(inputs, (inputs[:, 0] > 0).long(), 16, shuffle=True, seed=3)
@@ -121,18 +129,155 @@ def shuffled_run(tmp_path, hooks, fingerprint="same"):
     return model, history
 
 
-def test_a_run_resumed_after_a_crash_mid_epoch_equals_an_uninterrupted_one(tmp_path):
-    """Step 9 is mid-epoch 2 (6 batches an epoch); the last resume file is from step 8, so step 9 is redone
-    with the same data order, dropout draws and momentum."""
-    reference, reference_history = shuffled_run(tmp_path / "reference", CrashAfter())
-    with pytest.raises(Crash):
-        shuffled_run(tmp_path, CrashAfter(crash_at=9))
+# Kill positions, in-process: the test hook `kill_point` raises `Killed` where a real run would be SIGKILLed.
+# 90 samples in batches of 16: 6 steps an epoch. With checkpoints every 5 steps the resume files are written at
+# steps 5, 6 (end of epoch 1), 10, 12 (end of epoch 2), 15, 18 (end of epoch 3), 20 and 24 (21 for prune).
+# Each case: (kill label, checkpoint_every, (step, epoch, batch) of the resume file the next run continues from,
+# per phase where they differ).
+KILL_POSITIONS = {
+    "mid-epoch between step checkpoints": ("step:17", 5, (15, 3, 3)),
+    "right after a step checkpoint": ("checkpoint:15", 5, (15, 3, 3)),
+    "right after an epoch-end checkpoint": ("epoch_end:2", 5, (12, 3, 0)),
+    "during the epoch-end evaluation": ("evaluate:3", 5, (15, 3, 3)),
+    "during the evaluation after a checkpoint at the epoch's last step": ("evaluate:3", 9, (18, 3, 6)),
+    "during the last evaluation after a checkpoint at the last step": (
+        "evaluate:4", 3, {"pretrain": (24, 4, 6), "prune": (21, 4, 3), "retrain": (24, 4, 6)}),
+    "while the resume file is written (partial temporary file)": ("step:20", 5, (18, 4, 0)),
+    "while the resume file is written (truncated file)": ("checkpoint:15", 5, None),
+}
+PHASES = ("pretrain", "prune", "retrain")
+
+
+class Killed(BaseException):
+    """A SIGKILL in-process: a BaseException, so nothing on the way treats it as an ordinary error."""
+
+
+class FlippedImages(Dataset):
+    """8×8 images, with `augment` flipped at random by torch's RNG: DataLoader augmentation a resume must replay."""
+
+    def __init__(self, images, targets, augment):
+        self.images, self.targets, self.augment = images, targets, augment
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = self.images[index]
+        return (image.flip(-1) if self.augment and torch.rand(()) < 0.5 else image), self.targets[index]
+
+
+def image_batches(loader):
+    """Train (shuffled, augmented) and test batches of 90 seeded 8×8 images, served the way `loader` says."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (90, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    targets = (pixels[:, 0, :4].float().mean(dim=(1, 2)) > pixels[:, 0, 4:].float().mean(dim=(1, 2))).long()
+    images = pixels.float() / 255
+    if loader == "tensor":
+        return (TensorBatches(images, targets, 16, shuffle=True, seed=3),
+                TensorBatches(images, targets, 45, shuffle=False))
+    if loader == "device":
+        common = dict(mean=[0.5], std=[0.25])
+        return (DeviceBatches(pixels, targets, 16, shuffle=True, augment=True, seed=3, **common),
+                DeviceBatches(pixels, targets, 45, shuffle=False, augment=False, **common))
+    feed = _Feed(batch_size=16, seed=3, device=CPU)
+    return _dataloaders(FlippedImages(images, targets, True), FlippedImages(images, targets, False),
+                        DataConfig(num_workers=1, eval_batch_size=45), feed)
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, 2))
+
+
+def phase_run(folder, phase, checkpoint_every=5, loader="tensor"):
+    """One training phase as its stage runs it: `pretrain` (SGD + step schedule, 4 epochs), `prune` (TPP's
+    regularizer as hooks, 21 steps: the 4th epoch is partial and the schedule ends it) or `retrain` (step
+    schedule, mean JSV measured after every epoch). Returns the trained weights, the history (wall time zeroed)
+    and the hooks' state."""
+    torch.manual_seed(0)
+    train, test = image_batches(loader)
+    model = small_cnn()
+    optimizer = sgd(model, 0.05, 0.9, 1e-4)
+    schedule = dict(epochs=4, scheduler=milestone_schedule(optimizer, [2], 0.1))
+    if phase == "prune":
+        config = RegularizerConfig(alpha=10.0, delta=0.25, interval=1, max_lambda=1.0, stabilize_steps=17)
+        hooks = TPPRegularizer(model, {"0": torch.tensor([1, 5]), "3": torch.tensor([2])}, torch.zeros(1, 1, 8, 8),
+                               config)
+        schedule = dict(max_steps=hooks.schedule.total_steps)
+    else:
+        hooks = JacobianProbe(next(iter(test))[0][:4]) if phase == "retrain" else None
+    resume = ResumeFile(folder / "resume.pt", "same", announce=lambda line: None)
+    history = fit(model, train, test, optimizer, runtime=Runtime(CPU, checkpoint_every=checkpoint_every),
+                  hooks=hooks, stage=phase, resume=resume, **schedule)
+    return model.state_dict(), [replace(record, seconds=0) for record in history], \
+        (hooks.state_dict() if hooks is not None else {})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Each phase run once without a kill, checkpointing every 5 steps (the interval changes no result, so the
+    9-step case compares with these too)."""
+    return {phase: phase_run(tmp_path_factory.mktemp(phase), phase) for phase in PHASES}
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+    """Arm the library's test hook for one kill position; it raises `Killed` instead of sending SIGKILL."""
+    def killed():
+        raise Killed()
+    monkeypatch.setattr(state, "kill", killed)
+    return lambda stage, label: monkeypatch.setenv(state.KILL_AT_VARIABLE, f"{stage}:{label}")
+
+
+def kill_and_resume(tmp_path, monkeypatch, kill_at, phase, label, checkpoint_every, loader="tensor"):
+    """Run until the kill, check the resume file is the expected one, then rerun with the kill disarmed."""
+    kill_at(phase, label)
+    with pytest.raises(Killed):
+        phase_run(tmp_path, phase, checkpoint_every, loader)
+    monkeypatch.delenv(state.KILL_AT_VARIABLE)
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)
-    assert (saved["step"], saved["epoch"], saved["batch"]) == (8, 2, 2)
-    resumed, history = shuffled_run(tmp_path, CrashAfter())
-    assert [replace(r, seconds=0) for r in history] == [replace(r, seconds=0) for r in reference_history]
-    for name, value in reference.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[name]), name
+    return (saved["step"], saved["epoch"], saved["batch"]), saved
+
+
+def assert_same_outputs(resumed, reference):
+    weights, history, hooks = resumed
+    assert history == reference[1]
+    assert hooks == reference[2]
+    assert weights.keys() == reference[0].keys()
+    for name, value in reference[0].items():
+        assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("position", list(KILL_POSITIONS))
+def test_a_run_killed_at_any_position_resumes_to_identical_outputs(tmp_path, monkeypatch, kill_at, uninterrupted,
+                                                                    phase, position):
+    """Every kind of kill position, in each phase: the resumed run's weights, per-epoch history and schedule
+    position equal the uninterrupted run's exactly (CPU)."""
+    label, checkpoint_every, expected = KILL_POSITIONS[position]
+    where, saved = kill_and_resume(tmp_path, monkeypatch, kill_at, phase, label, checkpoint_every)
+    if expected is None:  # a torn resume file (a filesystem without atomic rename): discarded, training restarts
+        (tmp_path / "resume.pt").write_bytes((tmp_path / "resume.pt").read_bytes()[:4096])
+    else:
+        assert where == (expected[phase] if isinstance(expected, dict) else expected)
+    if "partial temporary file" in position:  # the kill came as the next save began, halfway through its write
+        (tmp_path / ".resume.pt.tmp").write_bytes((tmp_path / "resume.pt").read_bytes()[:4096])
+    assert_same_outputs(phase_run(tmp_path, phase, checkpoint_every), uninterrupted[phase])
+    assert not (tmp_path / ".resume.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("label, expected", [("epoch_end:2", (12, 3, 0)), ("step:17", (15, 3, 3))],
+                         ids=["epoch-boundary", "mid-epoch"])
+@pytest.mark.parametrize("loader", ["device", "workers"])
+def test_other_loaders_resume_with_identical_outputs(tmp_path, monkeypatch, kill_at, loader, label, expected):
+    """The device loader (order, crops and flips from one generator) and a DataLoader with a worker process
+    (order from its sampler's generator, augmentation seeded per sample) replay the interrupted epoch's draws and
+    continue with the next epoch's."""
+    reference = phase_run(tmp_path / "reference", "pretrain", loader=loader)
+    where, _ = kill_and_resume(tmp_path, monkeypatch, kill_at, "pretrain", label, 5, loader)
+    assert where == expected
+    assert_same_outputs(phase_run(tmp_path, "pretrain", loader=loader), reference)
 
 
 def test_resume_file_of_another_fingerprint_or_corrupted_is_discarded(tmp_path):

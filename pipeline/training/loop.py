@@ -25,7 +25,7 @@ from pipeline.progress import StageProgress
 from pipeline.runtime import Runtime, autocast
 from pipeline.training import distributed
 from pipeline.hooks import TrainingHooks
-from pipeline.training.state import ResumeFile, capture_rng, restore_rng
+from pipeline.training.state import ResumeFile, capture_rng, kill_point, restore_rng
 from pipeline.training.step import StepFunction, build_step
 
 NAN_CHECK_INTERVAL = 200
@@ -139,12 +139,19 @@ class Trainer:
         step_function = self._build_step(_process_batch_size(train_batches, self.runtime.world_size))
         with StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
             progress.advance(self.position.step)
-            while self.position.epoch <= epochs and not self._done(total_steps):
+            while self._epoch_to_run(epochs, total_steps):
                 self._run_epoch(step_function, train_batches, test_batches, epochs, total_steps, progress,
                                 order_state)
                 order_state = None
         self.model.zero_grad(set_to_none=True)   # a captured step's gradients would keep its graph's memory pool
         return list(self.position.history)
+
+    def _epoch_to_run(self, epochs: int, total_steps: int) -> bool:
+        """Another epoch to train, or the current one to end: an epoch with trained batches always gets its
+        evaluation, record and epoch-end checkpoint, also in a run resumed after its last step (killed during the
+        last evaluation)."""
+        position = self.position
+        return position.epoch <= epochs and (position.batch > 0 or not self._done(total_steps))
 
     def _done(self, total_steps: int) -> bool:
         return self.position.step >= total_steps or self.hooks.finished()
@@ -169,16 +176,19 @@ class Trainer:
             position.step += 1
             position.batch += 1
             progress.advance()
+            kill_point(self.stage, "step", position.step)
             if position.step % NAN_CHECK_INTERVAL == 0:
                 self._check_finite(lr)
             if self.runtime.checkpoint_every and position.step % self.runtime.checkpoint_every == 0:
                 self._save(epoch_order, lr)
+                kill_point(self.stage, "checkpoint", position.step)
         count_tensor = torch.tensor([position.count], dtype=self.totals.dtype, device=self.totals.device)
         loss_sum, correct, count = distributed.all_sum(torch.cat([self.totals, count_tensor])).tolist()
         self._check_finite(lr, loss_sum)
         if self.scheduler is not None:
             self.scheduler.step()
         test_loss, test_acc = evaluate(self.model, test_batches, self.runtime.device, self.runtime.amp)
+        kill_point(self.stage, "evaluate", position.epoch)
         extra = self.hooks.epoch_metrics(self.model)
         count = max(count, 1)
         record = EpochRecord(position.epoch, position.step, lr, loss_sum / count, 100.0 * correct / count,
@@ -186,7 +196,8 @@ class Trainer:
         position.history.append(record)
         position.epoch, position.batch, position.count = position.epoch + 1, 0, 0
         self.totals.zero_()
-        self._save(None, lr)
+        self._save(_order_state(train_batches), lr)
+        kill_point(self.stage, "epoch_end", record.epoch)
         if self.runtime.is_main:
             measured = "".join(f" {key} {value:.4g}" for key, value in extra.items())
             progress.log(f"[{self.stage}] epoch {record.epoch}/{epochs} step {record.step}/{total_steps} lr {lr:.3g} "
@@ -229,7 +240,8 @@ class Trainer:
 
     def _restore(self) -> Optional[torch.Tensor]:
         """Load a matching resume file into the model, optimizer, scheduler, hooks and RNGs; return the saved
-        generator state of the interrupted epoch's order (None at an epoch boundary or without a file).
+        state of the generator that draws the order of the epoch to continue or start (None without a file, or
+        for batches without such a generator).
 
         The RNGs are restored only once the interrupted epoch's first batches have been skipped, because batches
         that are produced to be dropped may draw from the global RNG."""
@@ -264,11 +276,19 @@ def _start_epoch(batches: Batches, epoch: int, order_state: Optional[torch.Tenso
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
     generator = _order_generator(batches)
-    if generator is None:
-        return None
-    if order_state is not None:
+    if generator is not None and order_state is not None:
         generator.set_state(order_state)
-    return generator.get_state()
+    return _order_state(batches)
+
+
+def _order_state(batches: Batches) -> Optional[torch.Tensor]:
+    """The state of the generator that will draw the next epoch order of `batches` (None if it has none).
+
+    Saved at every epoch end too: a fresh process's generator is freshly seeded, so without it a run resumed at
+    an epoch boundary would draw epoch 1's order (and device augmentation) again instead of the next epoch's.
+    """
+    generator = _order_generator(batches)
+    return None if generator is None else generator.get_state()
 
 
 def _order_generator(batches: Batches) -> Optional[torch.Generator]:

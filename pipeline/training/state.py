@@ -1,16 +1,23 @@
 """Resume checkpoints: everything the training loop needs to continue a killed run exactly where it stopped.
 
 A resume file holds the model, optimizer, LR scheduler, gradient scaler, the hooks' state (TPP's schedule
-position), every RNG (python, numpy, torch, CUDA), the generator state that drew the current epoch's sample order,
-the position inside the epoch, the epoch's running sums and the history so far. It is written atomically and
-carries a fingerprint of what produced it (settings, data, code, input checkpoints): a file with another
-fingerprint is discarded with a message, never reused. Files load with `torch.load(weights_only=True)`.
+position), every RNG (python, numpy, torch, CUDA), the state of the generator that draws the current epoch's
+sample order (the next epoch's in a file written at an epoch end), the position inside the epoch, the epoch's
+running sums and the history so far. It is written atomically and carries a fingerprint of what produced it
+(settings, data, code, input checkpoints): a file with another fingerprint is discarded with a message, never
+reused. Files load with `torch.load(weights_only=True)`.
+
+`kill_point` is a test hook: tests/test_resume.py and tests/test_train.py set `KILL_AT_VARIABLE` to kill a run at
+an exact position (after a step, right after a checkpoint, during the epoch-end evaluation) instead of at a
+moment picked by timing. Unset, it does nothing.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
@@ -22,6 +29,7 @@ from pipeline.files import atomic_write_bytes
 
 RESUME_FORMAT = "tpp-pipeline/resume"
 RESUME_VERSION = 1
+KILL_AT_VARIABLE = "TPP_PIPELINE_TEST_KILL_AT"
 
 
 @dataclass(frozen=True)
@@ -87,3 +95,20 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def kill_point(stage: str, event: str, number: int) -> None:
+    """Test hook: SIGKILL this process when `KILL_AT_VARIABLE` is `<stage>:<event>:<number>`; see the module doc.
+
+    The loop's events: `step` (after step N, before its checkpoint), `checkpoint` (right after the step
+    checkpoint at step N), `evaluate` (in epoch N's evaluation, between the test pass and the hooks' measurements),
+    `epoch_end` (right after epoch N's checkpoint, before the next epoch's first batch). Under torchrun only
+    rank 0, the one that writes the resume file, is killed (torchrun then stops the others), so the file left
+    behind does not depend on which process died first."""
+    if os.environ.get(KILL_AT_VARIABLE) == f"{stage}:{event}:{number}" and os.environ.get("RANK", "0") == "0":
+        kill()
+
+
+def kill() -> None:
+    """What `kill_point` does: SIGKILL, like `kill -9` (in-process tests replace it with raising an exception)."""
+    os.kill(os.getpid(), signal.SIGKILL)
