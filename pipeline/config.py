@@ -49,10 +49,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The architecture, by registry name, and its constructor options; the starting point of the dense network:
-    random (default), torchvision's published weights (`pretrained`) or a file of weights (`checkpoint`)."""
+    """The architecture (a registry name, `torchvision/<name>`, `timm/<name>`, or `factory`: the dotted path of
+    your own callable) and its constructor options; the starting point of the dense network: random (default),
+    the published weights (`pretrained`) or a file of weights (`checkpoint`)."""
 
-    name: str = "resnet20"
+    name: Optional[str] = "resnet20"
+    factory: Optional[str] = None
     options: Dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False
     checkpoint: Optional[str] = None
@@ -310,6 +312,9 @@ def validate(config: Config) -> None:
             "model.pretrained: true (torchvision's published weights) or model.checkpoint: <path> (your own), "
             "not both")
     require(config.model.checkpoint != "", "model.checkpoint", "is an empty string; write null for no file")
+    require((config.model.name is None) != (config.model.factory is None), "model.factory",
+            "and model.name are both set or both null: give exactly one (model.name: a registry, torchvision/ or "
+            "timm/ name; model.factory: the dotted path of your own function, with model.name: null)")
     require("pretrained" not in config.model.options, "model.options.pretrained",
             "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)

@@ -17,9 +17,10 @@ from typing import Dict, List
 import yaml
 
 from pipeline.config import Config
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 from pipeline.files import atomic_write_text
-from pipeline.models import create_model
+from pipeline.models import create_model, model_spec
+from pipeline.models.sources import factory_file
 from pipeline.runtime import resolve_device, resolve_runtime
 from pipeline.stage import STAGE_SETTINGS, stage_settings
 from pipeline.training import distributed
@@ -42,7 +43,7 @@ def check_runnable(config: Config) -> None:
         for key in SPLIT_BATCHES:
             section, name = key.split(".")
             distributed.local_batch_size(getattr(getattr(config, section), name), config.trainer.devices, key)
-    create_model(config.model.name, PROBE_CLASSES, **config.model.options)
+    create_model(model_spec(config.model.name, config.model.factory), PROBE_CLASSES, **config.model.options)
 
 
 def check_starting_weights(config: Config, root: Path) -> None:
@@ -63,6 +64,23 @@ def check_starting_weights(config: Config, root: Path) -> None:
                               f"every later stage would keep a network made from the old weights. Copy it under "
                               f"data/ (for example data/weights/{path.name}), run `dvc add data`, and set "
                               f"model.checkpoint: data/weights/{path.name}; a DVC remote then shares it too.")
+
+
+def check_factory_watched(config: Config, root: Path) -> None:
+    """A `model.factory` defined inside the repository must lie in something the pretrain stage depends on (nets/):
+    otherwise editing the model's code would not rerun pretraining and every output would silently describe the old
+    network. Code installed as a package (outside the repository) is recorded by its file hash in checkpoints."""
+    if not config.model.factory:
+        return
+    path = factory_file(config.model.factory)
+    watched = _pretrain_dependencies(root)
+    if not watched or not path.is_relative_to(root.resolve()):
+        return
+    if not any(path.is_relative_to((root / dependency).resolve()) for dependency in watched):
+        raise ConfigError(f"model.factory '{config.model.factory}' is defined in {path.relative_to(root.resolve())}, "
+                          f"which no stage depends on: DVC would not rerun pretraining when you edit it. Move the "
+                          f"code into nets/ (e.g. nets/{path.name}) and set model.factory: "
+                          f"nets.{path.stem}.{config.model.factory.rpartition('.')[2]}.")
 
 
 def _pretrain_dependencies(root: Path) -> List[str]:

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from pipeline.config import Config, config_from_mapping, load_config, one_of
 from pipeline.data import available_datasets
-from pipeline.models import available_models
+from pipeline.models import check_model_name
 from pipeline.pruning.methods import available_methods
 
 
@@ -29,6 +29,7 @@ def settings_from_mapping(raw: Dict[str, Any]) -> Config:
 def check_names(config: Config) -> Config:
     """Refuse a dataset, model or method that no registry knows, suggesting the closest known name."""
     one_of("data.name", config.data.name, available_datasets())
-    one_of("model.name", config.model.name, available_models())
+    if config.model.name is not None:
+        check_model_name(config.model.name)
     one_of("prune.method", config.prune.method, available_methods())
     return config

@@ -5,7 +5,8 @@ stops `dvc repro` before DVC removes any output."""
 import sys
 
 from pipeline.config import project_root
-from pipeline.preflight import SETTINGS_DIR, check_runnable, check_starting_weights, write_stage_settings
+from pipeline.preflight import SETTINGS_DIR, check_factory_watched, check_runnable, check_starting_weights, \
+    write_stage_settings
 from pipeline.settings import load_settings
 from pipeline.stage import WRITTEN_FOLDERS, reported_errors
 from pipeline.storage import check_writable
@@ -16,6 +17,7 @@ def main() -> None:
         config = load_settings(sys.argv[1:])
         check_runnable(config)
         check_starting_weights(config, project_root())
+        check_factory_watched(config, project_root())
         check_writable((*WRITTEN_FOLDERS, SETTINGS_DIR))
         write_stage_settings(config)
 
