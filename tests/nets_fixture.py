@@ -62,7 +62,7 @@ class StaticSplit(Plain):
 
 
 class StaticSlice(Plain):
-    """Uses a stored channel count (a slice): removal runs but changes what the network computes."""
+    """Uses a stored channel count (a slice): after removal the widths no longer add up."""
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn_a(self.a(x)))
@@ -124,4 +124,12 @@ class ChannelShuffle(Plain):
         y = F.relu(self.bn_a(self.a(x)))
         n, c, h, w = y.shape
         y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return F.relu(self.bn_b(self.b(y)))
+
+
+class Flip(Plain):
+    """Reverses the channel order between `a` and `b`: removal runs but pairs the wrong channels."""
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn_a(self.a(x))).flip(1)
         return F.relu(self.bn_b(self.b(y)))
