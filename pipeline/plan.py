@@ -90,6 +90,15 @@ def make_plan(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[st
                 count_macs(model, example_inputs), count_macs(pruned, example_inputs), max_diff, notes)
 
 
+def check_prunable(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str, float],
+                   skip: Sequence[str] = (), round_to: int = 1) -> None:
+    """The structural half of `make_plan`, for validate: patterns, graph checks and the trial removal."""
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trial_removal(model, _select(model, example_inputs, ratios, skip, round_to), example_inputs)
+
+
 def trial_removal(model: nn.Module, selection: Mapping[str, torch.Tensor],
                   example_inputs: torch.Tensor) -> tuple[nn.Module, float]:
     """Remove `selection` from a copy and check it computes what the dense model computes with those channels
