@@ -33,7 +33,7 @@ from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.models import create_model, model_spec
 from pipeline.pruning.selection import check_understood, select_filters
 from pipeline.pruning.surgery import (build_graph, check_removable, consumer_inputs, group_members, mask_inputs,
-                                      prunable_layers, remove_filters)
+                                      prunable_layers, pruning_group, remove_filters)
 
 # Relative tolerance of the removal-versus-masked-network check: float32 sums taken in another order differ by
 # ~1e-6; a misread channel moves outputs by far more.
@@ -128,13 +128,19 @@ def suggest(model: nn.Module, example_inputs: torch.Tensor) -> List[Dict[str, ob
     """Every Conv/Linear layer classified (head, stem, coupled stream, refused, prunable), and ready-to-paste
     patterns that match only prunable, independent layers."""
     model = model.eval()
-    graph = build_graph(model, example_inputs)
+    try:
+        graph = build_graph(model, example_inputs)
+    except Exception as error:
+        raise PruningError(f"The dependency graph (Torch-Pruning {tp.__version__}) could not trace this model: "
+                           f"{type(error).__name__}: {_first_line(error)}. Known for channel-shuffle and "
+                           f"split-heavy networks (ShuffleNet, CSPNet, DPN, Res2Net); this model cannot be pruned "
+                           f"by the pipeline as it is.") from None
     layers = prunable_layers(model)
-    first = _first_called(model, example_inputs, list(layers))
+    order = _call_order(model, example_inputs, list(layers))
     rows = []
     for name, module in layers.items():
         rows.append({"layer": name, "filters": module.weight.shape[0],
-                     "kind": _kind(graph, model, name, module, first)})
+                     "kind": _kind(graph, model, name, module, order)})
     prunable = [row["layer"] for row in rows if row["kind"] in ("prunable", "stem")]
     patterns: Dict[str, List[str]] = {}
     for name in prunable:
@@ -220,7 +226,8 @@ def _culprit(model: nn.Module, selection: Mapping[str, torch.Tensor], example_in
     return next(iter(selection))
 
 
-def _first_called(model: nn.Module, example_inputs: torch.Tensor, names: Sequence[str]) -> Optional[str]:
+def _call_order(model: nn.Module, example_inputs: torch.Tensor, names: Sequence[str]) -> Dict[str, int]:
+    """Layer name -> position of its first call in the forward pass."""
     order: List[str] = []
     handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: order.append(n)) for n in names]
     try:
@@ -229,33 +236,38 @@ def _first_called(model: nn.Module, example_inputs: torch.Tensor, names: Sequenc
     finally:
         for handle in handles:
             handle.remove()
-    return order[0] if order else None
+    return {name: position for position, name in reversed(list(enumerate(order)))}
 
 
-def _kind(graph: tp.DependencyGraph, model: nn.Module, name: str, module: nn.Module, first: Optional[str]) -> str:
-    """How a layer may be pruned on its own: head / unused / coupled with ... / refused: ... / stem / prunable."""
+def _kind(graph: tp.DependencyGraph, model: nn.Module, name: str, module: nn.Module, order: Dict[str, int]) -> str:
+    """How a layer may be pruned on its own: head / unused / coupled with ... / refused: ... / stem / prunable.
+
+    'Coupled' means its output channels are tied to other layers': through a residual addition (a stream whose
+    filters no single layer owns), or as the gate of an earlier layer (an SE block's expand conv, which goes with
+    the layer it gates). The earlier layer of a gated pair stays prunable and takes the gate along."""
     if module not in graph.module2node:
         return "unused (never called)"
-    if not graph.module2node[module].outputs:
+    if not graph.module2node[module].outputs or order.get(name, -1) == max(order.values(), default=-1):
         return "head (network output)"
     selection = {name: torch.tensor([0])}
+    group = pruning_group(graph, module, [0])
+    residual = any(item.dep.target.grad_fn is not None and "Add" in item.dep.target.grad_fn.name()
+                   for item in group)
     coupled = sorted(m.name for m in group_members(graph, module, [0])
-                     if m.name != name and isinstance(m.module, (nn.Conv2d, nn.Linear)))
+                     if m.name != name and isinstance(m.module, (nn.Conv2d, nn.Linear)) and not _depthwise(m.module))
     try:
         check_removable(graph, model, selection)
         check_understood(graph, model, selection)
     except PruningError as error:
         return f"refused: {str(error).split(':')[0] if ':' in str(error)[:80] else str(error)[:100]}"
-    if coupled:
+    if coupled and (residual or any(order.get(other, 0) < order.get(name, 0) for other in coupled)):
         return f"coupled with {', '.join(coupled[:3])}{', ...' if len(coupled) > 3 else ''}"
-    return "stem" if name == first else "prunable"
+    return "stem" if order.get(name) == 0 else "prunable"
 
 
-def _console():
-    """Rich's console, wide enough for the table when the output is piped (rich assumes 80 columns then)."""
-    from rich.console import Console
-    console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=180)
+def _depthwise(module: nn.Module) -> bool:
+    """A depthwise conv follows its input's channels one to one: it shrinks with them, coupling nothing."""
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
 
 
 def _first_line(error: BaseException) -> str:
