@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import RegularizerConfig
 from pipeline.errors import PruningError
-from pipeline.measure.export import check_onnx, export_onnx
+from pipeline.measure.export import export_onnx, onnx_max_abs_diff
 from pipeline.models import create_model
 from pipeline.plan import make_plan, suggest, trial_removal
 from pipeline.pruning.regularizer import TPPRegularizer
@@ -56,7 +56,10 @@ def _outcome(spec: str, tmp_path: Path) -> str:
     pruned, difference = trial_removal(model.eval(), selection, X)
     assert sum(p.numel() for p in pruned.parameters()) == plan.params_after
     path = export_onnx(pruned, X, tmp_path / "pruned.onnx")
-    check_onnx(path, pruned, torch.randn(2, 3, 32, 32), tolerance=1e-3)
+    inputs = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        scale = float(pruned(inputs).abs().max())
+    assert onnx_max_abs_diff(path, pruned, inputs) <= 1e-4 * (1 + scale)   # float32, summed in another order
     return PRUNES
 
 
