@@ -1,5 +1,5 @@
-"""Coverage matrix over CNN families (torchvision and timm, 32x32 on the CPU): for each model, `plan --suggest`'s
-patterns → plan → a few TPP steps → removal → output equal to the masked dense network → ONNX export. Every model
+"""Coverage matrix over CNN families (torchvision and timm, 32x32 on the CPU): for each model, `plan
+--suggest`'s patterns → plan → a few TPP steps → removal → output equal to the masked dense network → ONNX export. Every model
 either prunes correctly or is refused with a message naming one of its layers, never a traceback. The README's
 matrix lists the outcome per model. All but one are slow (seconds to a minute each on a loaded CPU)."""
 
