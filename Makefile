@@ -25,7 +25,7 @@ run: data  ## set up and run the whole pipeline on the embedded default
 	dvc repro
 	dvc metrics show metrics/evaluate.json
 
-plan: data  ## what pruning will do, in seconds, no training: make plan [ARGS="--suggest" or "prune.ratio=0.5 --json"]
+plan: setup  ## what pruning will do, in seconds, no training: make plan [ARGS="--suggest" or "prune.ratio=0.5 --json"]
 	$(PYTHON) -m pipeline.plan $(ARGS)
 
 recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NAME=resnet56_cifar10
