@@ -36,6 +36,6 @@ def test_editing_the_factory_reruns_pretraining(tmp_path: Path) -> None:
     assert source["source"] == "factory" and source["file"].endswith("nets/mynet.py")
     _, output = run(["dvc", "repro"], repo)
     assert stages_ran(output) == set()
-    (repo / "nets" / "mynet.py").write_text(NET.replace("nn.ReLU(),\n", "nn.ReLU(), nn.Identity(),\n", 1))
+    (repo / "nets" / "mynet.py").write_text(NET.replace("num_classes))", "num_classes), nn.Identity())"))
     _, output = run(["dvc", "repro"], repo)
     assert "pretrain" in stages_ran(output)
