@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data run recipe study test test-slow ui bench device-wheels clean
+.PHONY: setup data run plan recipe study test test-slow ui bench device-wheels clean
 
 $(VENV)/installed.stamp: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ data: setup  ## materialise the embedded digits dataset (deterministic bytes, ma
 run: data  ## set up and run the whole pipeline on the embedded default
 	dvc repro
 	dvc metrics show metrics/evaluate.json
+
+plan: setup  ## what pruning will do, in seconds, no training: make plan [ARGS="--suggest" or "prune.ratio=0.5 --json"]
+	$(PYTHON) -m pipeline.plan $(ARGS)
 
 recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NAME=resnet56_cifar10
 	@test -f recipes/$(NAME).yaml || { echo "No recipe 'recipes/$(NAME).yaml'. Available: $$(cd recipes && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }

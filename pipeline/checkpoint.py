@@ -1,8 +1,9 @@
 """Self-describing checkpoints that load with `torch.load(weights_only=True)`.
 
-A checkpoint is a plain dict: format tag and version, the architecture (registry name, classes, options, input
-shape), the pruning spec (indices of removed filters, relative to the dense architecture), the state_dict, the
-resolved settings and metrics. A pruned checkpoint rebuilds its small network on its own: build the dense
+A checkpoint is a plain dict: format tag and version, the architecture (model spec, classes, options, input
+shape), where its code came from (`source`: the timm/torchvision version or the factory file's sha256), the
+pruning spec (indices of removed filters, relative to the dense architecture), the state_dict, the resolved
+settings and metrics. A pruned checkpoint rebuilds its small network on its own: build the dense
 architecture, remove the recorded filters, load the weights. No `nn.Module` is ever pickled. Tensors are always
 read onto the CPU first (`map_location="cpu"`), so checkpoints written on a GPU machine load on a laptop.
 
@@ -24,7 +25,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_bytes
 from pipeline.models import create_model
-from pipeline.models.torchvision_models import pretrained_state_dict
+from pipeline.models.sources import pretrained_state_dict, source_record
 from pipeline.pruning.surgery import remove_filters
 
 CHECKPOINT_FORMAT = "tpp-pipeline/checkpoint"
@@ -78,6 +79,7 @@ def save_checkpoint(path: Path, model: nn.Module, architecture: Architecture, *,
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "architecture": architecture.to_dict(),
+        "source": source_record(architecture.name),
         "pruned": None if pruned is None else {name: idx.cpu() for name, idx in pruned.items()},
         "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()},
         "config": dict(config),

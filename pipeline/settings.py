@@ -12,12 +12,24 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from pipeline.config import Config, config_from_mapping, load_config, one_of
 from pipeline.data import available_datasets
-from pipeline.models import available_models
 from pipeline.methods import available_methods
+from pipeline.models import check_model_name
 
-# Settings whose value is a name one registry knows, and that registry's names.
-NAMED_SETTINGS: Dict[str, Callable[[], Sequence[str]]] = {
-    "data.name": available_datasets, "model.name": available_models, "prune.method": available_methods}
+
+def _check_model_name(key: str, name: Optional[str]) -> None:
+    """A registry, torchvision/ or timm/ name (null when model.factory names the user's own callable)."""
+    if name is not None:
+        check_model_name(name)
+
+
+def _one_of(names: Callable[[], Sequence[str]]) -> Callable[[str, Any], None]:
+    return lambda key, value: one_of(key, value, names())
+
+
+# Settings whose value is a name one registry knows, each with the check of that name.
+NAMED_SETTINGS: Dict[str, Callable[[str, Any], None]] = {
+    "data.name": _one_of(available_datasets), "model.name": _check_model_name,
+    "prune.method": _one_of(available_methods)}
 
 
 def load_settings(overrides: Sequence[str] = (), path: Optional[Path] = None) -> Config:
@@ -34,5 +46,5 @@ def check_names(config: Config, keys: Sequence[str] = tuple(NAMED_SETTINGS)) -> 
     """Refuse a dataset, model or method that no registry knows, suggesting the closest known name."""
     for key in keys:
         section, name = key.split(".")
-        one_of(key, getattr(getattr(config, section), name), NAMED_SETTINGS[key]())
+        NAMED_SETTINGS[key](key, getattr(getattr(config, section), name))
     return config

@@ -33,7 +33,8 @@ def main(config: Config) -> None:
     example = checkpoints[DENSE_CHECKPOINT].architecture.example_inputs(device)
     with track_stage("evaluate", params=stage_settings(config, "evaluate"), close_pipeline=True) as tracker:
         metrics = {
-            "model": config.model.name, "dataset": config.data.name, "method": config.prune.method,
+            "model": config.model.name or config.model.factory, "dataset": config.data.name,
+            "method": config.prune.method,
             "dense_acc": evaluate(dense, test, device, runtime.amp)[1],
             "pruned_acc": evaluate(pruned, test, device, runtime.amp)[1],
             "final_acc": evaluate(final, test, device, runtime.amp)[1],

@@ -7,6 +7,7 @@ from pipeline.checkpoint import Architecture, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import build_loaders
 from pipeline.measure.cost import count_macs, count_parameters
+from pipeline.models import model_spec
 from pipeline.stage import DENSE_CHECKPOINT, METRICS_DIR, PLOTS_DIR, prepare_run, resume_file, run_stage, \
     stage_settings, write_history, write_json
 from pipeline.tracking import track_stage
@@ -17,7 +18,8 @@ def main(config: Config) -> None:
     runtime = prepare_run(config)
     train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
                                       device=runtime.device, rank=runtime.rank, world_size=runtime.world_size)
-    architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
+    spec = model_spec(config.model.name, config.model.factory)
+    architecture = Architecture(spec, info.num_classes, info.input_shape, config.model.options)
     resume = resume_file("pretrain", config, inputs=[Path(config.model.checkpoint)] if config.model.checkpoint else [])
     with track_stage("pretrain", params=stage_settings(config, "pretrain"), enabled=runtime.is_main) as tracker:
         model, history = experiment.pretrain(

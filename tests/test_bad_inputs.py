@@ -11,6 +11,7 @@ and full file systems (the tests run as root; they are skipped elsewhere); concu
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import runpy
 import shutil
@@ -27,6 +28,7 @@ import torch
 import yaml
 
 from pipeline.checkpoint import Architecture, load_checkpoint, save_checkpoint
+from pipeline.models import create_model
 from tiny_repo import environment, make_repo, run, stages_ran
 
 TINY_MLP = {"model.name": "mlp7_linear", "model.options": {"width": 16, "depth": 3, "activation": "linear"},
@@ -223,7 +225,8 @@ def test_missing_params_file_is_refused(workspace: Path, capsys: pytest.CaptureF
     (setting("prune.method", "tppp"), ["'prune.method' 'tppp' is unknown"]),
     (removed("retrain.lr"), ["missing key 'retrain.lr'"]),
     (setting("device", "cuda"), [NO_GPU]),
-], ids=["unknown-method", "missing-key", "cuda-without-gpu"])
+    (setting("prune.layers", ["conv*"]), ["'conv*' matches no Conv2d/Linear"]),
+], ids=["unknown-method", "missing-key", "cuda-without-gpu", "pattern-matches-nothing"])
 def test_dvc_repro_stops_at_validate_and_removes_no_output(workspace: Path, change: Callable,
                                                            fragments: list) -> None:
     """The issue's case: before, DVC removed the prune stage's outputs and then the stage refused the method."""
@@ -310,6 +313,118 @@ def test_bad_checkpoint_is_refused(workspace: Path, capsys: pytest.CaptureFixtur
     before = snapshot(workspace)
     assert_one_paragraph(run_script(stage, capsys), *fragments)
     assert snapshot(workspace) == before
+
+
+# ------------------------------------------------------------------------------------- caught before any training
+# The issue's 25 cases that used to pass validate and fail in a later stage, after DVC had removed its outputs: now
+# validate refuses each (the one stage that writes nothing until every check passed), and the workspace is intact.
+def _write(relative: str, data: Callable[[], Any]) -> Callable[[Path], None]:
+    def damage(root: Path) -> None:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        value = data()
+        if isinstance(value, bytes):
+            path.write_bytes(value)
+        else:
+            torch.save(value, path)
+    return damage
+
+
+def _dense_of_another_architecture(root: Path) -> None:
+    architecture = Architecture("mlp7_linear", 10, (1, 8, 8), {"width": 32, "depth": 3, "activation": "linear"})
+    save_checkpoint(root / "models/dense.pt", architecture.build(), architecture, config={}, metrics={})
+
+
+def _shorter_labels(root: Path) -> None:
+    path = root / "data/digits/train_labels.npy"
+    import numpy
+    numpy.save(path, numpy.load(path)[:-7])
+
+
+def _emptied(root: Path) -> None:
+    for path in (root / "data/digits").iterdir():
+        path.unlink()
+
+
+OTHER_MLP = lambda: create_model("mlp7_linear", 10, in_channels=1, image_size=8, width=32, depth=3).state_dict()
+def _model(name: str, **options: Any) -> Callable[[Path], None]:
+    """Switch the workspace's params.yaml to another model (model.options is replaced, not merged)."""
+    return lambda root: (edit_params(root, setting("model.name", name)),
+                         edit_params(root, setting("model.options", options)))
+BEFORE_TRAINING_CASES: Mapping[str, tuple] = {
+    "layers-match-nothing": (None, ["prune.layers=[conv*]"], ["'conv*' matches no Conv2d/Linear", "layers.0"]),
+    "ratios-match-nothing": (lambda root: edit_params(root, setting("prune.ratios", {"zzz": 0.5})), [],
+                             ["'zzz' matches no Conv2d/Linear"]),
+    "skip-matches-nothing": (None, ["prune.skip=[zzz]"], ["skip pattern 'zzz' matches no Conv2d/Linear"]),
+    "pattern-matches-classifier": (None, ["prune.layers=[layers.2]"], ["'layers.2' produces the network's output"]),
+    "first-conv-option-a": (_model("resnet20", shortcut="A"), ["prune.layers=[conv1]"],
+                            ["'conv1' writes into a residual stream", "shortcut: B"]),
+    "shortcut-coupled-conv": (_model("resnet20", shortcut="B"), ["prune.layers=[layer1.*.conv2]"],
+                              ["share their output channels", "prune.skip"]),
+    "default-pattern-on-mlp": (None, ["prune.layers=[*layer*.conv1]"], ["'*layer*.conv1' matches no Conv2d/Linear"]),
+    "default-pattern-on-vgg11": (_model("vgg11"), ["prune.layers=[*layer*.conv1]"],
+                                 ["'*layer*.conv1' matches no Conv2d/Linear", "features.0"]),
+    "skip-covers-every-layer": (None, ["prune.skip=[layers.*]"], ["covers every layer", "would be the dense one"]),
+    "pretrained-cifar-resnet": (_model("resnet20", shortcut="A"), ["model.pretrained=true"],
+                                ["'resnet20' has no published weights", "model.checkpoint"]),
+    "data-root-missing": (None, ["data.root=nowhere"], ["digits dataset is missing from nowhere/digits"]),
+    "data-channels-2": (None, ["data.channels=2"], ["'data.channels' 2 is not supported"]),
+    "cifar10-files-absent": (None, ["data.name=cifar10"], ["CIFAR-10 was not found", "data.download"]),
+    "data-truncated": (lambda root: (root / "data/digits/train_images.npy").write_bytes(
+        (root / "data/digits/train_images.npy").read_bytes()[:500]), [], ["cannot be read"]),
+    "data-emptied": (_emptied, [], ["digits dataset is missing"]),
+    "labels-not-matching-images": (_shorter_labels, [], ["do not match"]),
+    "starting-checkpoint-corrupt": (_write("data/weights.pth", lambda: os.urandom(2048)),
+                                    ["model.checkpoint=data/weights.pth"], ["not a readable PyTorch weights file"]),
+    "starting-checkpoint-other-architecture": (_write("data/weights.pth", OTHER_MLP),
+                                               ["model.checkpoint=data/weights.pth"], ["do not fit", "other shapes"]),
+    "starting-checkpoint-text-file": (_write("data/weights.txt", lambda: b"these are not weights\n"),
+                                      ["model.checkpoint=data/weights.txt"], ["not a readable PyTorch weights file"]),
+    "dense-truncated": (lambda root: (root / "models/dense.pt").write_bytes(
+        (root / "models/dense.pt").read_bytes()[:700]), [],
+                        ["not a readable checkpoint", "dvc checkout models/dense.pt"]),
+    "pruned-empty": (_write("models/pruned.pt", lambda: b""), [], ["models/pruned.pt is not a readable checkpoint",
+                                                                    "delete it"]),
+    "final-garbage": (_write("models/final.pt", lambda: os.urandom(4096)), [], ["models/final.pt is not a readable"]),
+    "dense-plain-state-dict": (_write("models/dense.pt", OTHER_MLP), [], ["not a tpp-pipeline checkpoint",
+                                                                           "dvc checkout models/dense.pt"]),
+    "dense-of-another-architecture": (_dense_of_another_architecture, [],
+                                      ["models/dense.pt holds a 'mlp7_linear' with options", "'width': 32",
+                                       "pretrain settings did not change"]),
+}
+
+
+@pytest.mark.parametrize("case", BEFORE_TRAINING_CASES, ids=list(BEFORE_TRAINING_CASES))
+def test_mistake_found_before_training_by_validate(workspace: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    damage, overrides, fragments = BEFORE_TRAINING_CASES[case]
+    if damage is not None:
+        damage(workspace)
+    before = snapshot(workspace)
+    assert_one_paragraph(run_script("validate", capsys, overrides), *fragments)
+    assert snapshot(workspace) == before
+
+
+def test_plan_figures_equal_what_the_prune_stage_produced(workspace: Path) -> None:
+    from pipeline.plan import plan_for_config
+    from pipeline.settings import load_settings
+    plan = plan_for_config(load_settings())
+    metrics = json.loads((workspace / "metrics/prune.json").read_text())
+    layers = json.loads((workspace / "models/pruned_layers.json").read_text())
+    assert (plan.params_after, plan.macs_after) == (metrics["params"], metrics["macs"])
+    assert {layer.name: layer.kept for layer in plan.layers} == {name: row["kept"] for name, row in layers.items()}
+
+
+def test_damaged_data_under_dvc_repro_stops_at_validate(workspace: Path) -> None:
+    """validate depends on data/, so DVC reruns it (and only it) when the data changed. DVC itself records the
+    changed data folder in data.dvc first (the data is the user's input, not a stage output); nothing else moves."""
+    path = workspace / "data/digits/train_images.npy"
+    path.write_bytes(path.read_bytes()[:500])
+    before = snapshot(workspace)
+    code, output = run(["dvc", "repro"], workspace, check=False)
+    assert code != 0 and stages_ran(output) == {"validate"}
+    assert_one_paragraph(output[:output.index("ERROR: failed to reproduce")], "cannot be read")
+    after = snapshot(workspace)
+    assert {k: v for k, v in after.items() if k != "data.dvc"} == {k: v for k, v in before.items() if k != "data.dvc"}
 
 
 # -------------------------------------------------------------------------------------------------- file system

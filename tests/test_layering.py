@@ -44,7 +44,7 @@ LAYERS: List[Set[str]] = [
     {"checkpoint", "methods"},
     {"settings"},
     {"settings_files"},
-    {"stage"},
+    {"stage", "plan"},
     {"preflight", "experiment"},
     {"study"},
 ]

@@ -18,8 +18,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-TRACKED = ["pipeline", "stages", ".dvc/config", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml", "data.dvc",
-           "pyproject.toml"]
+TRACKED = ["pipeline", "stages", "nets", ".dvc/config", ".dvcignore", ".gitignore", "dvc.yaml", "params.yaml",
+           "data.dvc", "pyproject.toml"]
 TINY = {"model.name": "resnet20", "pretrain.epochs": 2, "pretrain.milestones": [1], "prune.reg.delta": 0.25,
         "prune.reg.stabilize_steps": 6, "prune.ratio": 0.5, "retrain.epochs": 2, "retrain.milestones": [1],
         "evaluate.latency_repeats": 2, "evaluate.latency_batch_size": 16, "trainability.jsv_samples": 8}

@@ -28,10 +28,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The architecture, by registry name, and its constructor options; the starting point of the dense network:
-    random (default), torchvision's published weights (`pretrained`) or a file of weights (`checkpoint`)."""
+    """The architecture (a registry name, `torchvision/<name>`, `timm/<name>`, or `factory`: the dotted path of
+    your own callable) and its constructor options; the starting point of the dense network: random (default),
+    the published weights (`pretrained`) or a file of weights (`checkpoint`)."""
 
-    name: str = "resnet56"
+    name: Optional[str] = "resnet56"
+    factory: Optional[str] = None
     options: Dict[str, Any] = field(default_factory=lambda: {"shortcut": "A"})
     pretrained: bool = False
     checkpoint: Optional[str] = None

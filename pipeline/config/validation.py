@@ -42,6 +42,9 @@ def validate(config: Config) -> None:
             "model.pretrained: true (torchvision's published weights) or model.checkpoint: <path> (your own), "
             "not both")
     require(config.model.checkpoint != "", "model.checkpoint", "is an empty string; write null for no file")
+    require((config.model.name is None) != (config.model.factory is None), "model.factory",
+            "and model.name are both set or both null: give exactly one (model.name: a registry, torchvision/ or "
+            "timm/ name; model.factory: the dotted path of your own function, with model.name: null)")
     require("pretrained" not in config.model.options, "model.options.pretrained",
             "is no longer a model option; write `model.pretrained: true` (a key of its own) instead")
     _positive("evaluate.latency_batch_size", config.evaluate.latency_batch_size)

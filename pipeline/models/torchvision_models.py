@@ -51,10 +51,6 @@ def build_torchvision_model(name: str, num_classes: int, in_channels: int) -> nn
 def pretrained_state_dict(name: str) -> Dict[str, Any]:
     """torchvision's default published weights of `name` (downloaded once into torch's cache), or a
     PipelineError saying how to get them on a machine without internet."""
-    if name not in TORCHVISION_NAMES:
-        raise ConfigError(f"params.yaml: 'model.pretrained' is true but '{name}' has no published weights; only "
-                          f"the torchvision models have them ({', '.join(TORCHVISION_NAMES)}). Set "
-                          f"model.pretrained: false, or give your own weights with model.checkpoint: <path>.")
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
         return weights.get_state_dict(progress=False, check_hash=True)

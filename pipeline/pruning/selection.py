@@ -18,7 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipeline.errors import PruningError
-from pipeline.pruning.surgery import build_graph, check_removable, prunable_layers, pruning_group
+from pipeline.pruning.surgery import build_graph, check_called_once, check_removable, prunable_layers, pruning_group
 
 MAX_LAYER_FRACTION = 0.995
 
@@ -70,13 +70,14 @@ def select_filters(model: nn.Module, ratios: Mapping[str, float], skip: Sequence
             order = torch.argsort(filter_scores(weight), stable=True)
             pruned[name] = torch.sort(order[:count]).values.cpu()
     if example_inputs is not None:
+        check_called_once(model, example_inputs, list(pruned))
         graph = build_graph(model, example_inputs)
         check_removable(graph, model, pruned)
-        _check_understood(graph, model, pruned)
+        check_understood(graph, model, pruned)
     return pruned
 
 
-def _check_understood(graph: tp.DependencyGraph, model: nn.Module, pruned: Mapping[str, torch.Tensor]) -> None:
+def check_understood(graph: tp.DependencyGraph, model: nn.Module, pruned: Mapping[str, torch.Tensor]) -> None:
     """Refuse a removal the dependency graph cannot carry out: one reaching a grouped (not depthwise) conv, or a
     parameter of a layer type it does not know unless that is a per-channel vector (Torch-Pruning then guesses
     which dimension to cut, and a matrix guessed wrong fails, or silently computes something else, after
@@ -86,7 +87,14 @@ def _check_understood(graph: tp.DependencyGraph, model: nn.Module, pruned: Mappi
     for name, indices in pruned.items():
         for item in pruning_group(graph, model.get_submodule(name), indices.tolist()):
             target = item.dep.target.module
-            if isinstance(target, nn.Conv2d) and 1 < target.groups < target.in_channels:
+            if isinstance(target, nn.GroupNorm):
+                raise PruningError(
+                    f"Layer '{name}' cannot be pruned: its filters feed '{modules.get(id(target), '?')}', a GroupNorm "
+                    f"({target.num_groups} groups over {target.num_channels} channels); removing channels would "
+                    f"regroup them (the dependency graph does not change num_groups), so the network would compute "
+                    f"something else. Add '{name}' to prune.skip, or prune layers that feed no GroupNorm.")
+            if isinstance(target, nn.Conv2d) and target.groups > 1 and not (
+                    target.groups == target.in_channels == target.out_channels):
                 raise PruningError(
                     f"Layer '{name}' cannot be pruned: its filters feed '{modules.get(id(target), '?')}', a grouped "
                     f"Conv2d ({target.groups} groups of {target.in_channels // target.groups} channels), which the "
@@ -117,6 +125,11 @@ def _check_patterns(layers: Mapping[str, nn.Module], ratios: Mapping[str, float]
         if not any(fnmatch(name, pattern) for name in layers):
             raise PruningError(f"The skip pattern '{pattern}' matches no Conv2d/Linear layer of this model. "
                                f"This model has: {examples}.")
+    matched = [name for name in layers if any(fnmatch(name, pattern) for pattern in ratios)]
+    if matched and all(any(fnmatch(name, pattern) for pattern in skip) for name in matched):
+        raise PruningError(f"prune.skip {list(skip)} covers every layer prune.layers/prune.ratios match "
+                           f"({', '.join(matched[:6])}{', ...' if len(matched) > 6 else ''}), so nothing would be "
+                           f"pruned and the 'pruned' network would be the dense one. Narrow prune.skip.")
 
 
 def pruning_summary(model: nn.Module, pruned: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:

@@ -17,7 +17,8 @@ from torch import nn
 from pipeline.errors import PruningError
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Every BatchNorm flavour (1d/2d/3d and SyncBatchNorm, which DDP conversion produces) shares this base class.
+BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 ZERO_PADDING_OPS = ("ConstantPadNd",)
 
 
@@ -67,12 +68,16 @@ def check_removable(graph: tp.DependencyGraph, model: nn.Module, pruned: Mapping
     """Refuse removals Torch-Pruning would get wrong or that would change what the network outputs."""
     for name, indices in pruned.items():
         module = model.get_submodule(name)
+        if module not in graph.module2node:
+            raise PruningError(f"Layer '{name}' is never called by the model's forward pass on the example input "
+                               f"(an unused layer, a training-only auxiliary head, or a weight used through a "
+                               f"function), so the dependency graph cannot tell what its filters feed. Add '{name}' "
+                               f"to prune.skip.")
         if not graph.module2node[module].outputs:
             raise PruningError(f"Layer '{name}' produces the network's output; its outputs are the classes and "
                                f"cannot be pruned. Remove it from prune.layers or add it to prune.skip.")
         group = pruning_group(graph, module, indices.tolist())
-        ops = {item.dep.target.grad_fn.name() for item in group if item.dep.target.grad_fn is not None}
-        if any(pad in op for op in ops for pad in ZERO_PADDING_OPS):
+        if any(_pads_channels(item.dep.target.grad_fn) for item in group):
             raise PruningError(
                 f"Layer '{name}' writes into a residual stream whose shortcuts zero-pad channels ('option A' "
                 f"shortcuts); the dependency graph cannot remove such channels correctly. Prune only layers inside "
@@ -83,6 +88,65 @@ def check_removable(graph: tp.DependencyGraph, model: nn.Module, pruned: Mapping
             raise PruningError(f"Layers '{name}' and {coupled} share their output channels (a residual stream), so "
                                f"their filters cannot be chosen separately. Select only one of them in prune.layers "
                                f"or list the others in prune.skip.")
+
+
+def _pads_channels(grad_fn: object) -> bool:
+    """A constant pad that adds *channels* (an 'option A' shortcut); spatial 'same' padding (TF-style convs in timm's
+    tf_* models, F.pad on H/W) pads only the last two dimensions and keeps channels one to one. A pad whose amounts
+    cannot be read is treated as a channel pad (refused, as is safe)."""
+    if grad_fn is None or not any(pad in grad_fn.name() for pad in ZERO_PADDING_OPS):
+        return False
+    pad = tuple(getattr(grad_fn, "_saved_pad", (0, 0, 0, 0, 1, 1)))
+    return len(pad) > 4 and any(pad[4:6])
+
+
+def check_called_once(model: nn.Module, example_inputs: torch.Tensor, names: Sequence[str]) -> None:
+    """Refuse selected layers the forward calls more than once (shared weights: their filters cannot be removed for
+    one call only) or never (nothing tells what their filters feed)."""
+    calls = {name: 0 for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(_counter(calls, name)) for name in names]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    for name, count in calls.items():
+        if count > 1:
+            raise PruningError(f"Layer '{name}' is called {count} times per forward pass (its weights are shared), "
+                               f"so its filters cannot be removed for one call only. Add '{name}' to prune.skip.")
+        if count == 0:
+            raise PruningError(f"Layer '{name}' is never called by the model's forward pass on the example input "
+                               f"(an unused layer or a training-only auxiliary head), so the dependency graph cannot "
+                               f"tell what its filters feed. Add '{name}' to prune.skip.")
+
+
+def _counter(calls: Dict[str, int], name: str):
+    def hook(module: nn.Module, inputs: object, output: object) -> None:
+        calls[name] += 1
+    return hook
+
+
+def consumer_inputs(graph: tp.DependencyGraph, module: nn.Module, indices: Sequence[int]) -> List[GroupMember]:
+    """Conv/Linear layers that lose *input* channels when `module` loses filters `indices` (the next layer, and
+    every layer reading a coupled stream), with the input indices they lose."""
+    names = {id(m): n for n, m in graph.model.named_modules()}
+    members = []
+    for item in pruning_group(graph, module, indices):
+        target = item.dep.target.module
+        if isinstance(target, PRUNABLE_TYPES) and not graph.is_out_channel_pruning_fn(item.dep.handler):
+            members.append(GroupMember(names[id(target)], target, torch.tensor(sorted(set(item.idxs)))))
+    return members
+
+
+@torch.no_grad()
+def mask_inputs(members: Sequence[GroupMember]) -> None:
+    """Zero the input-channel weights of consumers: the network then ignores the channels removal takes away,
+    whatever the activation gives at 0, which makes it the exact reference a removal must reproduce."""
+    for member in members:
+        member.module.weight[:, member.indices.to(member.module.weight.device)] = 0
 
 
 def remove_filters(model: nn.Module, pruned: Mapping[str, torch.Tensor],

@@ -42,6 +42,7 @@ from pipeline.data import build_loaders
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.files import atomic_write_text
 from pipeline.measure.cost import count_macs, count_parameters
+from pipeline.models import model_spec
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime
 from pipeline.study.outputs import write_study_outputs
@@ -249,7 +250,8 @@ class StudyRunner:
     def _train_dense(self, config: Config) -> _Built:
         train, test, info = build_loaders(config.data, batch_size=config.pretrain.batch_size, seed=config.seed,
                                           device=self.runtime.device)
-        architecture = Architecture(config.model.name, info.num_classes, info.input_shape, config.model.options)
+        spec = model_spec(config.model.name, config.model.factory)
+        architecture = Architecture(spec, info.num_classes, info.input_shape, config.model.options)
         model, history = experiment.pretrain(config, architecture, train, test, self.runtime)
         probe = experiment.trainability_inputs(config, test, self.runtime.device)
         metrics = {"dense_acc": history[-1].test_acc, "jsv_dense": experiment.trainability(model, probe),
