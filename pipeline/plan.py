@@ -33,6 +33,7 @@ from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.models import create_model, model_spec
 from pipeline.pruning.selection import check_understood, select_filters
 from pipeline.settings import load_settings
+from pipeline.stage import reported_errors
 from pipeline.pruning.surgery import (build_graph, check_removable, consumer_inputs, group_members, mask_inputs,
                                       prunable_layers, pruning_group, remove_filters)
 
@@ -313,7 +314,6 @@ def print_suggestions(rows: List[Dict[str, object]]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from pipeline.stage import reported_errors
     parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the plan as JSON (for scripts)")
     parser.add_argument("--suggest", action="store_true", help="list the model's prunable layers and patterns")

@@ -44,7 +44,8 @@ LAYERS: List[Set[str]] = [
     {"checkpoint", "methods"},
     {"settings"},
     {"settings_files"},
-    {"stage", "plan"},
+    {"stage"},
+    {"plan"},
     {"preflight", "experiment"},
     {"study"},
 ]
