@@ -25,6 +25,7 @@ from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime, seed_everything
 from pipeline.settings import load_settings
 from pipeline.storage import check_writable, explain
+from pipeline.threads import use_thread_share
 from pipeline.training import distributed
 from pipeline.training.loop import EpochRecord
 from pipeline.training.state import ResumeFile
@@ -97,6 +98,7 @@ def prepare_run(config: Config) -> Runtime:
     distributed.check_devices(config.trainer.devices, device)
     rank, world_size, device = distributed.start_process_group(device)
     configure_numerics(config.trainer, device)
+    use_thread_share(Path(sys.argv[0]).stem)
     seed_everything(config.seed)
     return resolve_runtime(config.trainer, device, config.amp, rank, world_size)
 
