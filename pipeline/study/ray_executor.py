@@ -16,7 +16,9 @@ as in a serial study. The cache folder must be visible to every node (a shared f
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -32,6 +34,8 @@ RAY_MISSING = ("--executor ray needs the 'ray' package, which is not installed i
                "--executor serial.")
 TASK_LOG = "tasks.jsonl"
 LOCAL_OBJECT_STORE_BYTES = 256 * 2**20
+LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -54,34 +58,47 @@ class Failure:
     error: str
 
 
-def import_ray() -> Any:
-    """Ray, or a ConfigError saying how to get it (checked before the study takes its lock)."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(RAY_MISSING) from None
-    return ray
+def check_ray_installed() -> None:
+    """A ConfigError saying how to get Ray, raised before the study takes its lock; Ray itself is imported only
+    when it starts, because a private start must configure it first (see `start_ray`)."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(RAY_MISSING)
 
 
-def start_ray(address: Optional[str]) -> bool:
-    """Join the cluster at `address` (`auto`: the one running on this machine), or start a private one bound to
-    127.0.0.1 with no dashboard. An already initialised Ray (a test's, a notebook's) is used as it is.
-    Returns whether this call started Ray, so that the caller stops what it started and nothing else."""
-    ray = import_ray()
+def start_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> bool:
+    """Join the cluster at `address` (`auto`: the one `ray start` runs on this machine), or start a private Ray
+    on this machine that listens on 127.0.0.1 only, with no dashboard (`num_cpus`/`num_gpus` default to what Ray
+    detects). An already initialised Ray (a test's, a notebook's) is used as it is. Returns whether this call
+    started Ray, so that the caller stops what it started and nothing else.
+
+    Ray binds its servers to the node's address, which it takes to be the machine's reachable IP unless it runs
+    as a single-machine Ray (its mode for laptops, switched by LOCAL_ONLY_VARIABLE, read when `ray` is imported
+    and by every Ray process it starts): a private start sets it before Ray is imported and checks the result."""
+    if address is None:
+        os.environ[LOCAL_ONLY_VARIABLE] = "0"
+    check_ray_installed()
+    import ray
+
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": {"PYTHONPATH": code_root()}}
-    if address is None:
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True)
-    else:
+    if address is not None:
         try:
             ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         except ConnectionError as error:
             raise PipelineError(f"--address {address}: no Ray cluster answers there ({error}). Start one first "
                                 f"(`ray start --head` on the head node, see README: Studies on Ray), or leave out "
                                 f"--address to start a private Ray on this machine.") from None
+        return True
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, logging_level="WARNING")
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise PipelineError(f"The private Ray started for this study would listen on {node_ip}, not {LOOPBACK}: "
+                            f"'ray' was imported before the study could set {LOCAL_ONLY_VARIABLE}=0. Run the study "
+                            f"from the command line, set {LOCAL_ONLY_VARIABLE}=0 before importing ray, or start "
+                            f"Ray yourself and pass --address.")
     return True
 
 
@@ -152,13 +169,13 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
     and the failures. Cached cells are logged without a task. `build_piece(kind, cell, cache, code, threads,
     *needs)` is the body of every task; it returns {"result": the cell's measurements or None, "task": where and
     when it ran}."""
-    ray = import_ray()
     started_here = start_ray(address)
+    import ray
+
     try:
         shape = task_shape(cells[0].config.device, ray.cluster_resources(), cpus_per_task, gpus_per_task)
-        remote = ray.remote(build_piece).options(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-                                                 max_calls=1 if shape.num_gpus else 0, max_retries=1,
-                                                 retry_exceptions=False)
+        remote = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_calls=1 if shape.num_gpus else 0,
+                            max_retries=1, retry_exceptions=False)(build_piece)
         console.print(f"[study] Ray: {ray.cluster_resources().get('CPU', 0):g} CPU(s), "
                       f"{ray.cluster_resources().get('GPU', 0):g} GPU(s); each task takes {shape.num_cpus} CPU(s) and "
                       f"{shape.num_gpus:g} GPU(s)", markup=False, soft_wrap=True)
@@ -174,13 +191,13 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
                     results.append(result)
                     progress.cached += 1
                     continue
-                needs: Tuple[Any, ...] = ()
+                needs: Tuple[Any, ...] = ()   # a prune waits for its dense network, a cell for both
                 for kind in ("dense", "pruned"):
                     key = (kind, piece_key(kind, cell))
                     if key not in refs and not piece_cached(kind, cell):
                         refs[key] = remote.remote(kind, cell, str(cache), code, shape.threads, *needs)
                         pending[refs[key]] = _Submitted(kind, cell)
-                    needs = (refs[key],) if key in refs else ()
+                    needs += (refs[key],) if key in refs else ()
                 pending[remote.remote("cell", cell, str(cache), code, shape.threads, *needs)] = _Submitted("cell", cell)
             progress.update(_in_flight(pending))
             while pending:
@@ -194,7 +211,7 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
                             failures.append(Failure(submitted.cell, _short(error)))
                             progress.failed += 1
                             progress.line(f"[study] FAILED {submitted.cell.label}: {_short(error)}\n"
-                                          f"        settings: {_settings_line(submitted.cell)}")
+                                          f"        settings: {cell_settings(submitted.cell)}")
                         continue
                     task_log.write(json.dumps(answer["task"]) + "\n")
                     task_log.flush()
@@ -225,7 +242,8 @@ def _short(error: BaseException) -> str:
     return f"{type(cause).__name__}: {' '.join(str(cause).split())}"[:600]
 
 
-def _settings_line(cell: Any) -> str:
+def cell_settings(cell: Any) -> str:
+    """The settings that tell a cell from its neighbours, for a failure report."""
     config = cell.config
     return (f"method {cell.method} (prune.method {config.prune.method}), prune.ratio {cell.ratio:g}, schedule "
             f"{cell.schedule} (retrain.lr {config.retrain.lr:g}, retrain.epochs {config.retrain.epochs}), seed "

@@ -46,7 +46,7 @@ from pipeline.files import atomic_write_text
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime
-from pipeline.study.ray_executor import import_ray, run_on_ray
+from pipeline.study.ray_executor import cell_settings, check_ray_installed, run_on_ray
 from pipeline.study.outputs import write_study_outputs
 from pipeline.threads import use_thread_share
 from pipeline.tracking import RunGroup, StageTracker, track_stage
@@ -288,7 +288,6 @@ def build_piece(kind: str, cell: Cell, cache: str, code: str, threads: int, *nee
     import ray
 
     started = time.time()
-    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     config = cell.config
     device = resolve_device(config.device)
@@ -353,7 +352,7 @@ def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Pa
     setup = _study_setup(cells, study_path)
     runtime = _study_runtime(setup) if executor == "serial" else None
     if executor == "ray":
-        import_ray()
+        check_ray_installed()
     output = Path(output) if output is not None else root / RESULTS_FOLDER / spec.name
     with _exclusive(output, study_path):
         code = code_fingerprint()
@@ -421,7 +420,8 @@ def _run_on_ray(cells: Sequence[Cell], output: Path, code: str, address: Optiona
     results, failures = run_on_ray(cells, cache, code, output, address, cpus_per_task, gpus_per_task,
                                    build_piece, cached_result, piece_cached, piece_key, log_cell)
     if failures:
-        listing = "; ".join(f"{failure.cell.label}: {failure.error}" for failure in failures)
+        listing = "; ".join(f"{failure.cell.label} [{cell_settings(failure.cell)}]: {failure.error}"
+                            for failure in failures)
         raise PipelineError(f"{len(failures)} of {len(cells)} cells failed ({listing}). The other cells are in the "
                             f"cache ({cache}): fix the cause and run the study again to compute only the failed "
                             f"ones.")
