@@ -15,14 +15,14 @@ import fcntl
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Optional, Tuple
+from typing import IO, Dict, Optional, Tuple
 
 import torch
 
 from pipeline.progress import console
 
 JOBS_FOLDER = Path(tempfile.gettempdir()) / f"tpp-pipeline-jobs-{os.getuid()}"
-_registration: Optional[IO[str]] = None
+_registrations: Dict[Path, IO[str]] = {}   # held open (locked) until the process ends
 
 
 def available_cores() -> int:
@@ -41,13 +41,13 @@ def running_jobs(folder: Path = JOBS_FOLDER) -> int:
     A lock file whose lock can be taken belongs to a job that has ended: it is removed. A file is locked before
     it gets its counted name, so a job that is registering is never mistaken for an ended one.
     """
-    global _registration
     folder.mkdir(parents=True, exist_ok=True)
-    if _registration is None or _registration.closed:
+    if folder not in _registrations:
         pending = folder / f".{os.getpid()}"
-        _registration = open(pending, "w")
-        fcntl.flock(_registration, fcntl.LOCK_EX)
+        handle = open(pending, "w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
         pending.rename(folder / str(os.getpid()))
+        _registrations[folder] = handle
     alive = 0
     for path in folder.iterdir():
         if path.name.startswith("."):
