@@ -68,7 +68,8 @@ def check_ray_installed() -> None:
 def start_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> bool:
     """Join the cluster at `address` (`auto`: the one `ray start` runs on this machine), or start a private Ray
     on this machine that listens on 127.0.0.1 only, with no dashboard (`num_cpus`/`num_gpus` default to what Ray
-    detects). An already initialised Ray (a test's, a notebook's) is used as it is. Returns whether this call
+    detects) and workers at normal priority (Ray's default niceness 15 starves the study's tasks on a machine
+    that runs anything else). An already initialised Ray (a test's, a notebook's) is used as it is. Returns whether this call
     started Ray, so that the caller stops what it started and nothing else.
 
     Ray binds its servers to the node's address, which it takes to be the machine's reachable IP unless it runs
@@ -91,7 +92,8 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: 
                                 f"--address to start a private Ray on this machine.") from None
         return True
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, logging_level="WARNING")
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES, runtime_env=runtime_env, logging_level="WARNING",
+             _system_config={"worker_niceness": 0})
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         ray.shutdown()
