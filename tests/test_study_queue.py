@@ -32,7 +32,9 @@ def test_dvc_queue_with_two_workers_shares_the_cores(tmp_path: Path) -> None:
     env.pop("OMP_NUM_THREADS", None)                                   # the share is the pipeline's to decide
     for ratio in ("0.3", "0.7"):
         dvc(repo, "exp", "run", "--queue", "-S", f"prune.ratio={ratio}", env=env)
-    dvc(repo, "queue", "start", "-j", "2", env=env)
+    # The queue's workers outlive `dvc queue start` and would hold a captured pipe open: no capture here.
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=300)
     deadline = time.monotonic() + 1500
     while time.monotonic() < deadline:
         status = dvc(repo, "queue", "status", env=env)
