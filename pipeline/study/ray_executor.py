@@ -169,8 +169,8 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
                ) -> Tuple[List[Dict[str, Any]], List[Failure]]:
     """Submit what the cache lacks as a DAG of tasks, log every cell as it arrives, and return the cells' results
     and the failures. Cached cells are logged without a task. `build_piece(kind, cell, cache, code, threads,
-    *needs)` is the body of every task; it returns {"result": the cell's measurements or None, "task": where and
-    when it ran}."""
+    workdir, *needs)` is the body of every task; it returns {"result": the cell's measurements or None, "task":
+    where and when it ran}."""
     started_here = start_ray(address)
     import ray
 
@@ -181,6 +181,7 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
         console.print(f"[study] Ray: {ray.cluster_resources().get('CPU', 0):g} CPU(s), "
                       f"{ray.cluster_resources().get('GPU', 0):g} GPU(s); each task takes {shape.num_cpus} CPU(s) and "
                       f"{shape.num_gpus:g} GPU(s)", markup=False, soft_wrap=True)
+        workdir = str(Path.cwd())   # where relative settings (data.root) resolve, as in a serial study
         results: List[Dict[str, Any]] = []
         failures: List[Failure] = []
         pending: Dict[Any, _Submitted] = {}
@@ -197,10 +198,11 @@ def run_on_ray(cells: Sequence[Any], cache: Path, code: str, output: Path, addre
                 for kind in ("dense", "pruned"):
                     key = (kind, piece_key(kind, cell))
                     if key not in refs and not piece_cached(kind, cell):
-                        refs[key] = remote.remote(kind, cell, str(cache), code, shape.threads, *needs)
+                        refs[key] = remote.remote(kind, cell, str(cache), code, shape.threads, workdir, *needs)
                         pending[refs[key]] = _Submitted(kind, cell)
                     needs += (refs[key],) if key in refs else ()
-                pending[remote.remote("cell", cell, str(cache), code, shape.threads, *needs)] = _Submitted("cell", cell)
+                ref = remote.remote("cell", cell, str(cache), code, shape.threads, workdir, *needs)
+                pending[ref] = _Submitted("cell", cell)
             progress.update(_in_flight(pending))
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

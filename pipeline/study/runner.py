@@ -281,13 +281,16 @@ class StudyRunner:
         return _Built(outcome.model, dense.architecture, metrics, dict(outcome.pruned))
 
 
-def build_piece(kind: str, cell: Cell, cache: str, code: str, threads: int, *needs: Any) -> Dict[str, Any]:
+def build_piece(kind: str, cell: Cell, cache: str, code: str, threads: int, workdir: str,
+                *needs: Any) -> Dict[str, Any]:
     """The body of every task: build one piece (into the cache) on the device Ray granted, with `threads` CPU
-    threads, and say where and when it ran. `needs` are the results of the pieces it is built from: Ray passes
-    them only once they exist, which is what orders the DAG."""
+    threads, in the driver's working directory (relative settings such as data.root mean there what they mean
+    to the serial executor), and say where and when it ran. `needs` are the results of the pieces it is built
+    from: Ray passes them only once they exist, which is what orders the DAG."""
     import ray
 
     started = time.time()
+    os.chdir(workdir)
     torch.set_num_threads(threads)
     config = cell.config
     device = resolve_device(config.device)
