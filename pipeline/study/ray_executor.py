@@ -69,8 +69,8 @@ def start_ray(address: Optional[str], num_cpus: Optional[int] = None, num_gpus: 
     """Join the cluster at `address` (`auto`: the one `ray start` runs on this machine), or start a private Ray
     on this machine that listens on 127.0.0.1 only, with no dashboard (`num_cpus`/`num_gpus` default to what Ray
     detects) and workers at normal priority (Ray's default niceness 15 starves the study's tasks on a machine
-    that runs anything else). An already initialised Ray (a test's, a notebook's) is used as it is. Returns whether this call
-    started Ray, so that the caller stops what it started and nothing else.
+    that runs anything else). An already initialised Ray (a test's, a notebook's) is used as it is. Returns
+    whether this call started Ray, so that the caller stops what it started and nothing else.
 
     Ray binds its servers to the node's address, which it takes to be the machine's reachable IP unless it runs
     as a single-machine Ray (its mode for laptops, switched by LOCAL_ONLY_VARIABLE, read when `ray` is imported
