@@ -5,6 +5,7 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 MLFLOW_PORT ?= 5000
+EXECUTOR ?= serial
 
 .PHONY: setup data run plan recipe study test test-slow ui bench device-wheels clean
 
@@ -33,9 +34,9 @@ recipe: setup  ## apply a paper recipe as params.yaml and run it: make recipe NA
 	cp recipes/$(NAME).yaml params.yaml
 	dvc repro
 
-study: data  ## run a study (methods x ratios x LRs x seeds): make study NAME=table1; report in results/NAME/
+study: data  ## run a study (methods x ratios x LRs x seeds): make study NAME=table1 [EXECUTOR=ray [ADDRESS=auto]]; report in results/NAME/
 	@test -f studies/$(NAME).yaml || { echo "No study 'studies/$(NAME).yaml'. Available: $$(cd studies && ls *.yaml | sed 's/\.yaml$$//' | tr '\n' ' ')"; exit 2; }
-	$(PYTHON) -m pipeline.study studies/$(NAME).yaml
+	$(PYTHON) -m pipeline.study studies/$(NAME).yaml --executor $(EXECUTOR) $(if $(ADDRESS),--address $(ADDRESS))
 
 test: setup  ## set up and run the default test suite (a few minutes on 2 cores)
 	$(PYTHON) -m pytest -q -n 2 --dist loadfile

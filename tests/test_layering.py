@@ -38,7 +38,7 @@ def import_graph() -> Dict[str, Set[str]]:
 # README's module map, lowest layer first; a concern may import only concerns of strictly lower layers.
 LAYERS: List[Set[str]] = [
     {"errors", "files", "fingerprint", "progress", "hooks", "cuda_graphs"},
-    {"config", "storage"},
+    {"config", "storage", "threads"},
     {"runtime", "data", "models", "pruning", "tracking", "report"},
     {"training", "measure"},
     {"checkpoint", "methods"},

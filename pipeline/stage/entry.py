@@ -13,6 +13,7 @@ from pipeline.settings_files import load_stage_config
 from pipeline.stage.failure import reported_errors
 from pipeline.stage.paths import WRITTEN_FOLDERS
 from pipeline.storage import check_writable
+from pipeline.threads import use_thread_share
 from pipeline.training import distributed
 
 
@@ -40,5 +41,6 @@ def prepare_run(config: Config) -> Runtime:
     distributed.check_devices(config.trainer.devices, device)
     rank, world_size, device = distributed.start_process_group(device)
     configure_numerics(config.trainer, device)
+    use_thread_share(Path(sys.argv[0]).stem)
     seed_everything(config.seed)
     return resolve_runtime(config.trainer, device, config.amp, rank, world_size)

@@ -21,6 +21,8 @@ import difflib
 import fcntl
 import hashlib
 import json
+import os
+import socket
 import time
 import uuid
 import warnings
@@ -45,7 +47,9 @@ from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.models import model_spec
 from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime
+from pipeline.study.ray_executor import cell_settings, check_ray_installed, run_on_ray
 from pipeline.study.outputs import write_study_outputs
+from pipeline.threads import use_thread_share
 from pipeline.tracking import RunGroup, StageTracker, track_stage
 from pipeline.training.loop import EpochRecord, evaluate
 
@@ -54,6 +58,8 @@ PRUNED_SECTIONS = DENSE_SECTIONS + ("prune",)
 CELL_SECTIONS = PRUNED_SECTIONS + ("retrain", "trainability")
 RESULTS_FOLDER = "results"
 LOCK_FILE = ".study.lock"
+EXECUTORS = ("serial", "ray")
+PIECE_SECTIONS = {"dense": DENSE_SECTIONS, "pruned": PRUNED_SECTIONS}
 
 
 @dataclass
@@ -214,22 +220,24 @@ class StudyRunner:
         cached = _read_cell(path) if path.is_file() else None
         if cached is not None:
             return {**cached, **labels}, True
-        pruned = self._pruned(cell.config)
+        pruned = self.pruned(cell.config)
         config = cell.config
         train, test, _ = build_loaders(config.data, batch_size=config.retrain.batch_size, seed=config.seed,
                                        device=self.runtime.device)
         model = copy.deepcopy(pruned.model)
         history = experiment.retrain(config, model, train, test, self.runtime)
-        result = {**labels, **self._dense(config).metrics, **pruned.metrics,
+        result = {**labels, **self.dense(config).metrics, **pruned.metrics,
                   "best_acc": max(record.test_acc for record in history), "final_acc": history[-1].test_acc,
                   "jsv_final": history[-1].extra.get("mean_jsv"), "history": [_epoch_row(r) for r in history]}
         atomic_write_text(path, json.dumps(result, indent=1, sort_keys=True) + "\n")
         return result, False
 
-    def _dense(self, config: Config) -> _Built:
+    def dense(self, config: Config) -> _Built:
+        """The dense network of these settings: from memory, the cache, or trained now."""
         return self._reuse("dense", config, DENSE_SECTIONS, self._train_dense)
 
-    def _pruned(self, config: Config) -> _Built:
+    def pruned(self, config: Config) -> _Built:
+        """The pruned network of these settings: from memory, the cache, or pruned now."""
         return self._reuse("pruned", config, PRUNED_SECTIONS, self._prune)
 
     def _reuse(self, kind: str, config: Config, sections: Sequence[str],
@@ -260,7 +268,7 @@ class StudyRunner:
         return _Built(model, architecture, metrics)
 
     def _prune(self, config: Config) -> _Built:
-        dense = self._dense(config)
+        dense = self.dense(config)
         train, test, _ = build_loaders(config.data, batch_size=config.prune.batch_size, seed=config.seed,
                                        device=self.runtime.device)
         model = copy.deepcopy(dense.model)
@@ -273,6 +281,35 @@ class StudyRunner:
                    "params_pruned": count_parameters(outcome.model),
                    "macs_pruned": count_macs(outcome.model, example)}
         return _Built(outcome.model, dense.architecture, metrics, dict(outcome.pruned))
+
+
+def build_piece(kind: str, cell: Cell, cache: str, code: str, threads: int, workdir: str,
+                *needs: Any) -> Dict[str, Any]:
+    """The body of every task: build one piece (into the cache) on the device Ray granted, with `threads` CPU
+    threads, in the driver's working directory (relative settings such as data.root mean there what they mean
+    to the serial executor), and say where and when it ran. `needs` are the results of the pieces it is built
+    from: Ray passes them only once they exist, which is what orders the DAG."""
+    import ray
+
+    started = time.time()
+    os.chdir(workdir)
+    torch.set_num_threads(threads)
+    config = cell.config
+    device = resolve_device(config.device)
+    configure_numerics(config.trainer, device)
+    runner = StudyRunner(Path(cache), resolve_runtime(config.trainer, device, config.amp), code)
+    result = None
+    if kind == "dense":
+        runner.dense(config)
+    elif kind == "pruned":
+        runner.pruned(config)
+    else:
+        result, _ = runner.cell(cell)
+    return {"result": result, "task": {
+        "kind": kind, "cell": cell.label, "pid": os.getpid(), "host": socket.gethostname(),
+        "gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()], "cuda_visible_devices": os.environ.get(
+            "CUDA_VISIBLE_DEVICES"), "threads": torch.get_num_threads(), "device": str(device), "start": started,
+        "end": time.time()}}
 
 
 def _load_cached(path: Path, device: torch.device) -> Optional[_Built]:
@@ -300,30 +337,45 @@ def _epoch_row(record: EpochRecord) -> Dict[str, float]:
             **record.extra}
 
 
-def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Path] = None) -> Path:
-    """Run (or resume) every cell of a study, then write its tables and figures; returns the output folder."""
+def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Path] = None,
+              executor: str = "serial", address: Optional[str] = None, cpus_per_task: Optional[int] = None,
+              gpus_per_task: Optional[float] = None) -> Path:
+    """Run (or resume) every cell of a study, then write its tables and figures; returns the output folder.
+
+    `executor` is `serial` (every cell in this process, one after another: the reference) or `ray` (the grid's
+    DAG as Ray tasks, see `pipeline.study.ray_executor`); both fill the same cache and give the same results.
+    """
     root = Path(root) if root is not None else project_root()
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor '{executor}' is not one of {', '.join(EXECUTORS)}. Use serial (the default, "
+                          f"every cell in this process) or ray (cells as Ray tasks, on this machine or a cluster).")
+    if executor == "serial" and (address, cpus_per_task, gpus_per_task) != (None, None, None):
+        raise ConfigError("--address, --cpus-per-task and --gpus-per-task only apply to --executor ray. Add "
+                          "--executor ray, or leave them out.")
     spec = load_study(study_path)
     cells = plan(spec, study_path, root)
-    runtime = _study_runtime(cells, study_path)
+    setup = _study_setup(cells, study_path)
+    runtime = _study_runtime(setup) if executor == "serial" else None
+    if executor == "ray":
+        check_ray_installed()
     output = Path(output) if output is not None else root / RESULTS_FOLDER / spec.name
     with _exclusive(output, study_path):
-        runner = StudyRunner(output / "cache", runtime, code_fingerprint())
+        code = code_fingerprint()
         group = RunGroup(f"study:{spec.name}:{uuid.uuid4().hex}", f"study {spec.name}", f"tpp-study-{spec.name}")
+        where = f"on {runtime.device}" if runtime is not None else "as Ray tasks"
         console.print(f"[study] {spec.name}: {len(spec.methods)} methods × {len(spec.ratios)} ratios × "
-                      f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells on "
-                      f"{runtime.device}; results in {output}", markup=False, soft_wrap=True)
+                      f"{len(spec.retrain)} schedules × {len(spec.seeds)} seeds = {len(cells)} cells {where}; "
+                      f"results in {output}", markup=False, soft_wrap=True)
         started = time.perf_counter()
-        results = []
-        for index, cell in enumerate(cells, 1):
-            console.print(f"[study] cell {index}/{len(cells)}: {cell.label}", markup=False, soft_wrap=True)
-            with track_stage(cell.label, params=_cell_params(cell), group=group) as tracker:
-                result, cached = runner.cell(cell)
-                _log_cell(tracker, result, cached)
-            results.append(result)
-            console.print(f"[study] cell {index}/{len(cells)} {'reused' if cached else 'done'}: {cell.label}: "
-                          f"after pruning {result['pruned_acc']:.2f}%, best retrained {result['best_acc']:.2f}% "
-                          f"({time.perf_counter() - started:.0f}s elapsed)", markup=False, soft_wrap=True)
+
+        if runtime is not None:
+            results = _run_serially(cells, StudyRunner(output / "cache", runtime, code), group, started)
+        else:
+            def log_cell(cell: Cell, result: Mapping[str, Any], cached: bool) -> None:
+                with track_stage(cell.label, params=_cell_params(cell), group=group) as tracker:
+                    _log_cell(tracker, result, cached)
+
+            results = _run_on_ray(cells, output, code, address, cpus_per_task, gpus_per_task, log_cell)
         write_study_outputs(spec.name, spec.description, _report_order(spec, results), output)
         with track_stage("report", group=group, close_pipeline=True) as tracker:
             tracker.log_artifact(output / "report.md")
@@ -332,6 +384,53 @@ def run_study(study_path: Path, output: Optional[Path] = None, root: Optional[Pa
         console.print(f"[study] {spec.name} finished in {time.perf_counter() - started:.0f}s: {output / 'report.md'}",
                       markup=False, soft_wrap=True)
     return output
+
+
+def _run_serially(cells: Sequence[Cell], runner: StudyRunner, group: RunGroup,
+                  started: float) -> List[Dict[str, Any]]:
+    """Every cell in this process, in the study's order, each inside its MLflow run; the first failure stops the
+    study."""
+    results = []
+    for index, cell in enumerate(cells, 1):
+        console.print(f"[study] cell {index}/{len(cells)}: {cell.label}", markup=False, soft_wrap=True)
+        with track_stage(cell.label, params=_cell_params(cell), group=group) as tracker:
+            result, cached = runner.cell(cell)
+            _log_cell(tracker, result, cached)
+        results.append(result)
+        console.print(f"[study] cell {index}/{len(cells)} {'reused' if cached else 'done'}: {cell.label}: "
+                      f"after pruning {result['pruned_acc']:.2f}%, best retrained {result['best_acc']:.2f}% "
+                      f"({time.perf_counter() - started:.0f}s elapsed)", markup=False, soft_wrap=True)
+    return results
+
+
+def _run_on_ray(cells: Sequence[Cell], output: Path, code: str, address: Optional[str],
+                cpus_per_task: Optional[int], gpus_per_task: Optional[float],
+                log_cell: Callable[[Cell, Mapping[str, Any], bool], None]) -> List[Dict[str, Any]]:
+    """The grid as Ray tasks; failed cells are listed with their settings after every other cell has finished."""
+    cache = output / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def cached_result(cell: Cell) -> Optional[Dict[str, Any]]:
+        path = cache / f"cell-{settings_key(cell.config, CELL_SECTIONS, code)}.json"
+        stored = _read_cell(path) if path.is_file() else None
+        labels = {"method": cell.method, "ratio": cell.ratio, "schedule": cell.schedule, "seed": cell.seed}
+        return None if stored is None else {**stored, **labels}
+
+    def piece_key(kind: str, cell: Cell) -> str:
+        return settings_key(cell.config, PIECE_SECTIONS[kind], code)
+
+    def piece_cached(kind: str, cell: Cell) -> bool:
+        return (cache / f"{kind}-{piece_key(kind, cell)}.pt").is_file()
+
+    results, failures = run_on_ray(cells, cache, code, output, address, cpus_per_task, gpus_per_task,
+                                   build_piece, cached_result, piece_cached, piece_key, log_cell)
+    if failures:
+        listing = "; ".join(f"{failure.cell.label} [{cell_settings(failure.cell)}]: {failure.error}"
+                            for failure in failures)
+        raise PipelineError(f"{len(failures)} of {len(cells)} cells failed ({listing}). The other cells are in the "
+                            f"cache ({cache}): fix the cause and run the study again to compute only the failed "
+                            f"ones.")
+    return results
 
 
 @contextmanager
@@ -351,8 +450,9 @@ def _exclusive(output: Path, study_path: Path) -> Iterator[None]:
         yield
 
 
-def _study_runtime(cells: Sequence[Cell], study_path: Path) -> Runtime:
-    """The one device, precision and trainer setup all cells run on; cells cannot differ in it."""
+def _study_setup(cells: Sequence[Cell], study_path: Path) -> Config:
+    """The one device, precision and trainer setup all cells run on (cells cannot differ in it), checked without
+    touching the device: under Ray, each task resolves it where it runs."""
     setups = {(cell.config.device, cell.config.amp, repr(cell.config.trainer)) for cell in cells}
     if len(setups) > 1:
         raise ConfigError(f"{study_path}: the cells ask for different devices, precisions or trainer settings "
@@ -360,11 +460,17 @@ def _study_runtime(cells: Sequence[Cell], study_path: Path) -> Runtime:
                           f"not per method or schedule.")
     config = cells[0].config
     if config.trainer.devices > 1:
-        raise ConfigError(f"{study_path}: trainer.devices is {config.trainer.devices}, but a study runs its cells in "
+        raise ConfigError(f"{study_path}: trainer.devices is {config.trainer.devices}, but a study runs each cell in "
                           f"one process. Set trainer.devices: 1 in the study's settings (stages run under "
                           f"torchrun; studies do not).")
+    return config
+
+
+def _study_runtime(config: Config) -> Runtime:
+    """The serial executor's runtime, resolved once in this process, which takes its share of the cores."""
     device = resolve_device(config.device)
     configure_numerics(config.trainer, device)
+    use_thread_share("study")
     return resolve_runtime(config.trainer, device, config.amp)
 
 
@@ -391,15 +497,26 @@ def _log_cell(tracker: StageTracker, result: Mapping[str, Any], cached: bool) ->
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line: `python -m pipeline.study studies/table1.yaml [--output DIR]`."""
+    """Command line: `python -m pipeline.study studies/table1.yaml [--output DIR] [--executor serial|ray]`."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.study", description=(
         "Run a study (methods × pruning ratios × retraining schedules × seeds) and write its report. Finished "
         "pieces are cached in the output folder, so an interrupted study resumes where it stopped."))
     parser.add_argument("study", type=Path, help="the study file, e.g. studies/table1.yaml")
     parser.add_argument("--output", type=Path, default=None, help="output folder (default: results/<name>)")
+    parser.add_argument("--executor", default="serial", help=(
+        "serial (default: every cell in this process, one after another) or ray (the grid as Ray tasks: one GPU "
+        "per task on a GPU machine, one core per task on a CPU machine)"))
+    parser.add_argument("--address", default=None, help=(
+        "ray only: the cluster to join, e.g. auto (the one `ray start` runs on this machine) or HEAD:6379; "
+        "default: start a private Ray on this machine, bound to 127.0.0.1"))
+    parser.add_argument("--cpus-per-task", type=int, default=None, help=(
+        "ray only: CPUs (and torch threads) per task; default 1, or the cluster's cores per GPU for GPU tasks"))
+    parser.add_argument("--gpus-per-task", type=float, default=None, help=(
+        "ray only: GPUs per task (0.5 packs two small cells on a GPU); default 1 where the cluster has GPUs"))
     arguments = parser.parse_args(argv)
     try:
-        run_study(arguments.study, arguments.output)
+        run_study(arguments.study, arguments.output, executor=arguments.executor, address=arguments.address,
+                  cpus_per_task=arguments.cpus_per_task, gpus_per_task=arguments.gpus_per_task)
     except PipelineError as error:
         console.print(f"[bold red]error:[/] {error}", soft_wrap=True)
         raise SystemExit(2) from None
