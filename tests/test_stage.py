@@ -78,7 +78,7 @@ def test_stage_runs_with_its_settings_file_not_with_a_params_yaml_edited_since_v
 
 
 def test_run_only_settings_come_from_settings_run_json(validated: Path) -> None:
-    (validated / "settings/run.json").write_text('{"trainer.checkpoint_every": 7, "trainer.resume": false}\n')
+    (validated / "settings/run.json").write_text('{"data.num_workers": 0, "trainer.checkpoint_every": 7, "trainer.resume": false}\n')
 
     config = config_seen_by("retrain")
 
