@@ -26,7 +26,7 @@ from pipeline.training import distributed
 
 SETTINGS_DIR = Path("settings")
 PIPELINE_FILE = Path("dvc.yaml")
-# Batch sizes that DDP splits over `trainer.devices` processes.
+# Batch sizes that DDP splits over `trainer.devices` × `trainer.nodes` processes.
 SPLIT_BATCHES = ("pretrain.batch_size", "prune.batch_size", "retrain.batch_size")
 # Any class count builds the network; the real one comes from the data, which this stage does not read.
 PROBE_CLASSES = 2
@@ -38,10 +38,11 @@ def check_runnable(config: Config) -> None:
     device = resolve_device(config.device)
     distributed.check_devices(config.trainer.devices, device)
     resolve_runtime(config.trainer, device, config.amp)
-    if config.trainer.devices > 1:
+    processes = config.trainer.devices * config.trainer.nodes
+    if processes > 1:
         for key in SPLIT_BATCHES:
             section, name = key.split(".")
-            distributed.local_batch_size(getattr(getattr(config, section), name), config.trainer.devices, key)
+            distributed.local_batch_size(getattr(getattr(config, section), name), processes, key)
     create_model(config.model.name, PROBE_CLASSES, **config.model.options)
 
 

@@ -2,7 +2,8 @@
 
 Stage scripts stay thin: they read settings, call library functions and write their declared outputs, always
 at the very end, atomically and from the main process only, so a stage refused for bad input or killed midway
-leaves no half-written file. A stage asked for several devices relaunches itself under torchrun.
+leaves no half-written file. A training stage asked for several devices or nodes relaunches itself under
+torchrun; evaluate, which trains nothing, always runs once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.progress import console
 from pipeline.runtime import Runtime, configure_numerics, resolve_device, resolve_runtime, seed_everything
 from pipeline.settings import load_settings
 from pipeline.storage import check_writable, explain
-from pipeline.training import distributed
+from pipeline.training import distributed, launcher
 from pipeline.training.loop import EpochRecord
 from pipeline.training.state import ResumeFile
 
@@ -53,18 +54,19 @@ STAGE_SETTINGS: Dict[str, Sequence[str]] = {
 RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume")
 
 
-def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None) -> None:
-    """Load and validate params.yaml (plus `key=value` overrides), run the stage (under torchrun when
-    `trainer.devices` > 1), and turn user errors into one readable paragraph and exit status 2 instead of a
-    traceback."""
+def run_stage(main: Callable[[Config], None], argv: Sequence[str] | None = None, *, trains: bool = True) -> None:
+    """Load and validate params.yaml (plus `key=value` overrides), run the stage (a training stage under torchrun
+    when `trainer.devices` > 1; a stage that `trains` nothing, such as evaluate, always once, with the machine's
+    threads), and turn user errors into one readable paragraph and exit status 2 instead of a traceback."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         with reported_errors():
             config = load_settings(arguments)
             check_writable(WRITTEN_FOLDERS)
-            if config.trainer.devices > 1 and not distributed.under_launcher():
-                distributed.check_devices(config.trainer.devices, resolve_device(config.device))
-                sys.exit(distributed.launch(config.trainer.devices, sys.argv[0], arguments))
+            trainer = config.trainer
+            if trains and trainer.devices * trainer.nodes > 1 and not distributed.under_launcher():
+                distributed.check_devices(trainer.devices, resolve_device(config.device))
+                sys.exit(launcher.launch(trainer.devices, trainer.nodes, sys.argv[0], arguments))
             main(config)
     finally:
         distributed.stop_process_group()
@@ -96,6 +98,7 @@ def prepare_run(config: Config) -> Runtime:
     device = resolve_device(config.device)
     distributed.check_devices(config.trainer.devices, device)
     rank, world_size, device = distributed.start_process_group(device)
+    distributed.check_shared_workspace(RESUME_DIR)
     configure_numerics(config.trainer, device)
     seed_everything(config.seed)
     return resolve_runtime(config.trainer, device, config.amp, rank, world_size)

@@ -4,13 +4,21 @@ the main process writes files and tracks."""
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from tiny_repo import make_repo, run
+from ddp_workers import run_processes, train
+from pipeline.data import TensorBatches
+from pipeline.data.batches import batch_bounds
+from tiny_repo import TINY, make_repo, run
 
 # No BatchNorm (per-process batch statistics would legitimately differ), so both runs compute the same function.
 SETTINGS = {"model.name": "mlp7_linear", "model.options": {}, "pretrain.epochs": 2, "pretrain.milestones": [1],
@@ -56,3 +64,65 @@ def test_two_processes_equal_one_with_the_same_global_batch(repo: Path, stage: s
 def test_more_processes_than_gpus_is_refused_before_any_work(repo: Path) -> None:
     code, log = run(["python", "stages/pretrain.py", "trainer.devices=2", "device=cuda"], repo, check=False)
     assert code == 2 and "no CUDA GPU" in log and "Traceback" not in log
+
+
+@pytest.mark.slow  # the whole tiny pipeline under `dvc repro` with two processes per training stage: minutes
+def test_whole_pipeline_with_two_processes_writes_every_output_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # evaluate must time latency with the machine's threads
+    repo = make_repo(tmp_path, {**TINY, "trainer.devices": 2})
+    _, output = run(["dvc", "repro"], repo, TPP_PIPELINE_RUN="two-processes",
+                    MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    assert "Traceback" not in output
+    assert output.count("[evaluate]") <= 1 and output.count("Running stage 'evaluate'") == 1
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("tpp-pipeline").experiment_id)
+    parents = [r for r in runs if r.data.tags.get("tpp.pipeline_key") == "two-processes"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(children) == ["evaluate", "pretrain", "prune", "retrain"], "every stage tracked exactly once"
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert metrics["dense_acc"] > 50 and metrics["final_acc"] > 50, metrics
+    latency = json.loads((repo / "metrics/latency.json").read_text())
+    assert latency["torch_threads"] == len(os.sched_getaffinity(0)), "evaluate ran with one thread, not the machine's"
+    assert latency["onnx_max_abs_diff"] < 1e-3
+    assert sorted(path.name for path in (repo / "models").iterdir()) == [
+        "dense.pt", "final.onnx", "final.pt", "pruned.pt", "pruned_layers.json"]
+    session = onnxruntime.InferenceSession(str(repo / "models/final.onnx"), providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()[0]
+    batch = np.random.default_rng(0).standard_normal((4, *inputs.shape[1:])).astype(np.float32)
+    assert session.run(None, {inputs.name: batch})[0].shape == (4, 10)
+    assert not list(repo.glob("resume/*")), "no resume file left behind"
+
+
+@pytest.mark.parametrize("samples, batch, world", [(9, 4, 2), (11, 4, 4), (10, 5, 2), (3, 8, 2), (64, 8, 4)])
+def test_every_rank_gets_a_share_of_every_batch_and_each_sample_comes_once(samples, batch, world) -> None:
+    shards = [list(TensorBatches(torch.arange(samples), torch.arange(samples), batch, shuffle=True, seed=1,
+                                 rank=rank, world_size=world)) for rank in range(world)]
+    single = list(TensorBatches(torch.arange(samples), torch.arange(samples), batch, shuffle=True, seed=1))
+    assert len({len(batches) for batches in shards}) == 1 and len(shards[0]) == len(batch_bounds(samples, batch, world))
+    seen = []
+    for index in range(len(shards[0])):
+        sizes = [len(shards[rank][index][1]) for rank in range(world)]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1, sizes
+        seen += [value for rank in range(world) for value in shards[rank][index][1].tolist()]
+    assert sorted(seen) == list(range(samples))
+    assert torch.equal(torch.cat([targets for _, targets in single]).sort().values, torch.arange(samples))
+
+
+@pytest.mark.slow  # three small trainings, two of them in two spawned processes: about 30 s, minutes under load
+def test_two_processes_with_uneven_shards_and_batchnorm_train_like_one(tmp_path: Path) -> None:
+    """Shares of 3/3 and 3/2 samples: DDP's weighted average and the synchronised BatchNorm give one process's
+    result; with per-process BatchNorm statistics the result is clearly another."""
+    single = train()
+    synced = run_processes("train", tmp_path, sync_bn=True)
+    per_shard = run_processes("train", tmp_path, sync_bn=False)
+    assert max_difference(single, synced) < 1e-5
+    assert max_difference(single, per_shard) > 1e-2
+
+
+@pytest.mark.slow  # two spawned processes: about 10 s, more under load
+def test_ranks_start_from_the_same_weights_and_draw_their_own_dropout_masks(tmp_path: Path) -> None:
+    result = run_processes("dropout_masks", tmp_path)
+    first, second = result["initial"]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(*result["masks"]), "every rank drew the same dropout mask"

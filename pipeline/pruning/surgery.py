@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.errors import PruningError
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
-BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)
 ZERO_PADDING_OPS = ("ConstantPadNd",)
 
 

@@ -1,7 +1,7 @@
 """Resume checkpoints: everything the training loop needs to continue a killed run exactly where it stopped.
 
 A resume file holds the model, optimizer, LR scheduler, gradient scaler, the hooks' state (TPP's schedule
-position), every RNG (python, numpy, torch, CUDA), the generator state that drew the current epoch's sample order,
+position), every RNG (python, numpy, torch, CUDA) of every process (a list indexed by rank), the generator state that drew the current epoch's sample order,
 the position inside the epoch, the epoch's running sums and the history so far. It is written atomically and
 carries a fingerprint of what produced it (settings, data, code, input checkpoints): a file with another
 fingerprint is discarded with a message, never reused. Files load with `torch.load(weights_only=True)`.
@@ -21,7 +21,7 @@ import torch
 from pipeline.files import atomic_write_bytes
 
 RESUME_FORMAT = "tpp-pipeline/resume"
-RESUME_VERSION = 1
+RESUME_VERSION = 2
 
 
 @dataclass(frozen=True)
