@@ -128,10 +128,12 @@ def resume_file(stage: str, config: Config, inputs: Iterable[Path] = ()) -> Opti
     None when `trainer.resume` is off."""
     if not config.trainer.resume:
         return None
-    parts = {"stage": stage, "settings": stage_settings(config, stage), "code": code_fingerprint(),
-             "data": files_fingerprint([Path(config.data.root)], content=False),
-             "inputs": files_fingerprint(inputs, content=True)}
-    return ResumeFile(RESUME_DIR / f"{stage}.pt", fingerprint(parts),
+    def parts() -> Dict[str, Any]:
+        return {"stage": stage, "settings": stage_settings(config, stage), "code": code_fingerprint(),
+                "data": files_fingerprint([Path(config.data.root)], content=False),
+                "inputs": files_fingerprint(inputs, content=True)}
+
+    return ResumeFile(RESUME_DIR / f"{stage}.pt", distributed.on_main(lambda: fingerprint(parts())),
                       announce=lambda line: console.print(f"[{stage}] {line}", markup=False, soft_wrap=True))
 
 

@@ -58,7 +58,13 @@ def dropout_masks(rank: int, world_size: int) -> Dict[str, Any]:
     return {"initial": distributed.all_gather(initial), "masks": distributed.all_gather(masks[0])}
 
 
-SCENARIOS: Dict[str, Callable[..., Any]] = {"train": train, "dropout_masks": dropout_masks}
+def blind_workspace(rank: int, world_size: int, workspace: str) -> None:
+    """Rank 1 works in another folder than rank 0, as a node without the shared filesystem would."""
+    distributed.check_shared_workspace(Path(workspace) / f"rank{rank}")
+
+
+SCENARIOS: Dict[str, Callable[..., Any]] = {"train": train, "dropout_masks": dropout_masks,
+                                            "blind_workspace": blind_workspace}
 
 
 def _worker(rank: int, world_size: int, port: int, output: str, scenario: str, options: Dict[str, Any]) -> None:

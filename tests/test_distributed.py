@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ddp_workers import run_processes, train
+from ddp_workers import free_port, run_processes, train
 from pipeline.data import TensorBatches
 from pipeline.data.batches import batch_bounds
-from tiny_repo import TINY, make_repo, run
+from pipeline.errors import ConfigError
+from pipeline.training.launcher import first_host, launch_command
+from tiny_repo import TINY, environment, make_repo, run
 
 # No BatchNorm (per-process batch statistics would legitimately differ), so both runs compute the same function.
 SETTINGS = {"model.name": "mlp7_linear", "model.options": {}, "pretrain.epochs": 2, "pretrain.milestones": [1],
@@ -126,3 +130,78 @@ def test_ranks_start_from_the_same_weights_and_draw_their_own_dropout_masks(tmp_
     first, second = result["initial"]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert not torch.equal(*result["masks"]), "every rank drew the same dropout mask"
+
+
+@pytest.mark.slow  # a BN ResNet pretrained three times (1 process; 2 with and without sync BN): minutes
+def test_batchnorm_resnet_on_two_processes_equals_one_only_with_synchronised_batchnorm(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, {**TINY, "pretrain.epochs": 1, "pretrain.milestones": []})
+    run(["python", "stages/pretrain.py"], repo)
+    single = weights(repo / "models/dense.pt")
+    run(["python", "stages/pretrain.py", "trainer.devices=2"], repo)
+    synced = max_difference(single, weights(repo / "models/dense.pt"))
+    run(["python", "stages/pretrain.py", "trainer.devices=2", "trainer.sync_bn=false"], repo)
+    per_process = max_difference(single, weights(repo / "models/dense.pt"))
+    print(f"max |weight difference| to one process: sync BN {synced:.3g}, per-process BN {per_process:.3g}")
+    assert synced < 1e-4 < per_process
+
+
+@pytest.mark.slow  # two torchrun agents ("nodes") of one process each, and one process alone: about 2 min
+def test_two_nodes_over_loopback_equal_one_process(repo: Path) -> None:
+    tracking = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    run(["python", "stages/pretrain.py"], repo, **tracking)
+    single = weights(repo / "models/dense.pt")
+    runs_before = stage_runs(repo, "pretrain")
+    nodes = {**tracking, "TPP_LAUNCHER": "manual", "TPP_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}",
+             "TPP_RDZV_ID": f"test-{os.getpid()}", "TPP_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+             "PYTHONPATH": str(repo)}
+    command = ["python", "stages/pretrain.py", "trainer.nodes=2", "trainer.devices=1"]
+    agents = [subprocess.Popen(command, cwd=repo, env=environment(**nodes), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=900)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert max_difference(single, weights(repo / "models/dense.pt")) < TOLERANCE
+    assert stage_runs(repo, "pretrain") == runs_before + 1, "only the main process tracks"
+    assert sum(output.count("[pretrain] epoch 2/2") for output in outputs) == 1
+
+
+SLURM = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NNODES": "2", "SLURM_CPUS_PER_TASK": "32"}
+PROGRAM = ["/venv/bin/python", "stages/pretrain.py", "prune.ratio=0.5"]
+
+
+def test_launch_command_inside_a_slurm_job_starts_one_agent_per_node() -> None:
+    command = launch_command(8, 2, PROGRAM, SLURM, srun_found=True)
+    assert command == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32",
+                       "--kill-on-bad-exit=1", "/venv/bin/python", "-m", "torch.distributed.run",
+                       "--nproc_per_node=8", "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu07:29642",
+                       "--rdzv-id=4242", "--max-restarts=0", "stages/pretrain.py", "prune.ratio=0.5"]
+    manual = launch_command(8, 2, PROGRAM, {**SLURM, "TPP_LAUNCHER": "manual", "MASTER_PORT": "1234"})
+    assert manual[:2] == ["/venv/bin/python", "-m"] and "--rdzv-endpoint=gpu07:29642" in manual
+    explicit = launch_command(1, 2, PROGRAM, {"TPP_RDZV_ENDPOINT": "10.0.0.1:5000", "TPP_LOCAL_ADDR": "10.0.0.2"})
+    assert "--rdzv-endpoint=10.0.0.1:5000" in explicit and "--local-addr=10.0.0.2" in explicit
+    assert "--rdzv-id=tpp-pipeline" in explicit
+    assert launch_command(4, 1, PROGRAM, SLURM, srun_found=True)[:5] == [
+        "/venv/bin/python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+
+
+@pytest.mark.parametrize("nodelist, host", [("gpu07", "gpu07"), ("gpu[07-08]", "gpu07"), ("a01,b02", "a01"),
+                                            ("gpu[11,07-08],cpu01", "gpu11"), ("node-[3-4]-ib", "node-3-ib")])
+def test_first_host_of_a_slurm_node_list(nodelist: str, host: str) -> None:
+    assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({}, "never falls back to localhost"),
+    ({**SLURM, "SLURM_NNODES": "3"}, "has 3 node"),
+    ({"TPP_RDZV_ENDPOINT": "node01"}, "not host:port"),
+    ({**SLURM, "SLURM_JOB_NODELIST": "[bad"}, "could not be read"),
+    ({**SLURM, "TPP_LAUNCHER": "mpi"}, "TPP_LAUNCHER"),
+])
+def test_multi_node_launch_without_a_clear_endpoint_is_refused(environ: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        launch_command(2, 2, PROGRAM, environ, srun_found=True)
+
+
+@pytest.mark.slow  # two spawned processes: about 10 s, more under load
+def test_a_worker_that_does_not_see_the_workspace_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="do not share one workspace"):
+        run_processes("blind_workspace", tmp_path, workspace=str(tmp_path))

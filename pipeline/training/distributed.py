@@ -14,7 +14,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from pipeline.training.launcher import die_with_parent
 
 WORLD_SIZE_VARIABLE = "WORLD_SIZE"
 WORKSPACE_PROBE = ".workspace-probe-{}"
+T = TypeVar("T")
 
 
 def under_launcher() -> bool:
@@ -105,6 +106,16 @@ def all_gather(value: Any) -> List[Any]:
     values: List[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def on_main(compute: Callable[[], T]) -> T:
+    """`compute()` run by the main process only, its result given to every process (work such as hashing a large
+    data folder is then done once, not once per process)."""
+    if not dist.is_initialized():
+        return compute()
+    value = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value)
+    return value[0]
 
 
 def seed_per_rank(rank: int, world_size: int) -> None:

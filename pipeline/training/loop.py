@@ -236,7 +236,7 @@ class Trainer:
 
         The RNGs are restored only once the interrupted epoch's first batches have been skipped, because batches
         that are produced to be dropped may draw from the global RNG."""
-        state = self.resume.load() if self.resume is not None else None
+        state = self.resume.load(quiet=not self.runtime.is_main) if self.resume is not None else None
         if state is None:
             return None
         self.model.load_state_dict(state["model"])

@@ -35,23 +35,25 @@ class ResumeFile:
     fingerprint: str
     announce: Callable[[str], None] = print
 
-    def load(self) -> Optional[Dict[str, Any]]:
-        """The saved state if the file exists, is readable and was written for this fingerprint; else None."""
+    def load(self, *, quiet: bool = False) -> Optional[Dict[str, Any]]:
+        """The saved state if the file exists, is readable and was written for this fingerprint; else None.
+        `quiet` (every process but the main one) announces nothing."""
         if not self.path.is_file():
             return None
+        announce = (lambda line: None) if quiet else self.announce
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file: discard it, never crash on it
-            self.announce(f"discarding {self.path}: it is not a readable resume file ({type(error).__name__}); "
+            announce(f"discarding {self.path}: it is not a readable resume file ({type(error).__name__}); "
                           f"starting from the beginning")
             return None
         if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT \
                 or state.get("version") != RESUME_VERSION:
-            self.announce(f"discarding {self.path}: written by another version of tpp-pipeline; starting from the "
+            announce(f"discarding {self.path}: written by another version of tpp-pipeline; starting from the "
                           f"beginning")
             return None
         if state.get("fingerprint") != self.fingerprint:
-            self.announce(f"discarding {self.path}: it was written under other settings, data, code or input "
+            announce(f"discarding {self.path}: it was written under other settings, data, code or input "
                           f"checkpoints; starting from the beginning")
             return None
         return state
