@@ -316,3 +316,26 @@ def test_download_without_network_is_a_data_error(tmp_path: Path, monkeypatch: p
     with pytest.raises(DataError, match="cannot reach the internet") as raised:
         loaders(name, tmp_path, download=True)
     assert "data.download: false" in str(raised.value)
+
+
+def test_per_sample_seeding_leaves_the_cuda_generators_and_the_main_stream_alone(monkeypatch) -> None:
+    from pipeline.data.sample_seeds import SeededDataset
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(2)
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    dataset = SeededDataset(Draw())
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    reseeded.clear()
+    first, again = dataset[(1, 77)], dataset[(2, 77)]
+    assert torch.equal(first, again), "the sample's draws follow its seed"
+    assert torch.equal(torch.rand(3), expected), "the training process's CPU stream is restored"
+    assert reseeded == [], "the CUDA generators were reseeded"
