@@ -31,7 +31,7 @@ from pipeline.stage import DENSE_CHECKPOINT, FINAL_CHECKPOINT, PRUNED_CHECKPOINT
 from pipeline.training import distributed
 
 PIPELINE_FILE = Path("dvc.yaml")
-# Batch sizes that DDP splits over `trainer.devices` processes.
+# Batch sizes that DDP splits over `trainer.devices` × `trainer.nodes` processes.
 SPLIT_BATCHES = ("pretrain.batch_size", "prune.batch_size", "retrain.batch_size")
 # Any class count builds the network for the device checks; the structural checks use the data's own.
 PROBE_CLASSES = 2
@@ -43,10 +43,11 @@ def check_runnable(config: Config) -> None:
     device = resolve_device(config.device)
     distributed.check_devices(config.trainer.devices, device)
     resolve_runtime(config.trainer, device, config.amp)
-    if config.trainer.devices > 1:
+    processes = config.trainer.devices * config.trainer.nodes
+    if processes > 1:
         for key in SPLIT_BATCHES:
             section, name = key.split(".")
-            distributed.local_batch_size(getattr(getattr(config, section), name), config.trainer.devices, key)
+            distributed.local_batch_size(getattr(getattr(config, section), name), processes, key)
     model = create_model(model_spec(config.model.name, config.model.factory), PROBE_CLASSES, **config.model.options)
     check_zero_out_schedule(config.prune.reg, sum(isinstance(module, LEARNABLE_TYPES) for module in model.modules()))
 

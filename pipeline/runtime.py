@@ -30,7 +30,7 @@ class Runtime:
     """How a stage computes, resolved once from the settings: every `auto` already decided.
 
     `rank` and `world_size` describe the process group when the stage runs under torchrun (DDP); a single
-    process is rank 0 of 1. `checkpoint_every` is the step interval of resume checkpoints (0: epoch ends only).
+    process is rank 0 of 1. `sync_bn`: BatchNorm statistics over the global batch when several processes train. `checkpoint_every` is the step interval of resume checkpoints (0: epoch ends only).
     """
 
     device: torch.device
@@ -40,6 +40,7 @@ class Runtime:
     checkpoint_every: int = 0
     rank: int = 0
     world_size: int = 1
+    sync_bn: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -144,11 +145,12 @@ def resolve_runtime(trainer: TrainerConfig, device: torch.device, amp: str, rank
                           f"need a CUDA GPU. Use `trainer.step: eager` (or `compile`) on this machine.")
     amp = resolve_amp(amp, device)
     if trainer.step == "graph":
-        check_graph_mode(amp, trainer.devices)
+        check_graph_mode(amp, trainer.devices * trainer.nodes)
     channels_last = trainer.memory_format == "channels_last" or (
         trainer.memory_format == "auto" and device.type == "cuda")
     return Runtime(device=device, amp=amp, step=trainer.step, channels_last=channels_last,
-                   checkpoint_every=trainer.checkpoint_every, rank=rank, world_size=world_size)
+                   checkpoint_every=trainer.checkpoint_every, rank=rank, world_size=world_size,
+                   sync_bn=trainer.sync_bn is not False)
 
 
 def check_graph_mode(amp: str, processes: int) -> None:

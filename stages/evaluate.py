@@ -80,4 +80,4 @@ def main(config: Config) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, trains=False)

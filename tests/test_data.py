@@ -186,12 +186,13 @@ CIFARS = [("cifar10", datasets.CIFAR10, IMAGENET_MEAN, IMAGENET_STD, 10),
           ("cifar100", datasets.CIFAR100, CIFAR100_MEAN, CIFAR100_STD, 100)]
 
 
+@pytest.mark.parametrize("loader", ["workers", "auto"])
 @pytest.mark.parametrize(("name", "dataset_class", "mean", "std", "num_classes"), CIFARS)
 def test_cifar_loads_the_real_format_with_the_papers_normalization(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name, dataset_class, mean, std, num_classes) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name, dataset_class, mean, std, num_classes, loader) -> None:
     write_cifar(tmp_path, dataset_class, monkeypatch)
     train_files = len(dataset_class.train_list)
-    train, test, info = loaders(name, tmp_path, batch_size=3, eval_batch_size=3, augment=False)
+    train, test, info = loaders(name, tmp_path, batch_size=3, eval_batch_size=3, augment=False, loader=loader)
     assert info == DatasetInfo(name=name, num_classes=num_classes, in_channels=3, image_size=32,
                                train_size=train_files * IMAGES_PER_CIFAR_FILE, test_size=IMAGES_PER_CIFAR_FILE)
     assert len(train) == -(-train_files * IMAGES_PER_CIFAR_FILE // 3) and len(test) == 2
@@ -209,7 +210,8 @@ def test_cifar_augmentation_is_the_same_for_every_worker_count(tmp_path: Path,
     write_cifar(tmp_path, datasets.CIFAR10, monkeypatch)
 
     def two_epochs(seed: int, workers: int) -> list[tuple[bytes, bytes]]:
-        train, _, _ = loaders("cifar10", tmp_path, batch_size=20, seed=seed, augment=True, num_workers=workers)
+        train, _, _ = loaders("cifar10", tmp_path, batch_size=20, seed=seed, augment=True, num_workers=workers,
+                              loader="workers")
         return [(torch.cat([inputs for inputs, _ in train]).numpy().tobytes(),
                  torch.cat([targets for _, targets in train]).numpy().tobytes()) for _ in range(2)]
 
@@ -243,10 +245,11 @@ def write_mnist(root: Path, train_count: int = 6, test_count: int = 4) -> None:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
 
 
+@pytest.mark.parametrize("loader", ["workers", "auto"])
 @pytest.mark.parametrize("channels", [None, 3])
-def test_mnist_is_resized_to_32_and_normalized(tmp_path: Path, channels) -> None:
+def test_mnist_is_resized_to_32_and_normalized(tmp_path: Path, channels, loader) -> None:
     write_mnist(tmp_path)
-    train, test, info = loaders("mnist", tmp_path, batch_size=4, eval_batch_size=4, channels=channels)
+    train, test, info = loaders("mnist", tmp_path, batch_size=4, eval_batch_size=4, channels=channels, loader=loader)
     expected_channels = channels or 1
     assert info == DatasetInfo(name="mnist", num_classes=10, in_channels=expected_channels, image_size=32,
                                train_size=6, test_size=4)
@@ -316,3 +319,26 @@ def test_download_without_network_is_a_data_error(tmp_path: Path, monkeypatch: p
     with pytest.raises(DataError, match="cannot reach the internet") as raised:
         loaders(name, tmp_path, download=True)
     assert "data.download: false" in str(raised.value)
+
+
+def test_per_sample_seeding_leaves_the_cuda_generators_and_the_main_stream_alone(monkeypatch) -> None:
+    from pipeline.data.sample_seeds import SeededDataset
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index: int) -> torch.Tensor:
+            return torch.rand(2)
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    dataset = SeededDataset(Draw())
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    reseeded.clear()
+    first, again = dataset[(1, 77)], dataset[(2, 77)]
+    assert torch.equal(first, again), "the sample's draws follow its seed"
+    assert torch.equal(torch.rand(3), expected), "the training process's CPU stream is restored"
+    assert reseeded == [], "the CUDA generators were reseeded"

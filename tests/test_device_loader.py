@@ -18,9 +18,10 @@ from torchvision import datasets
 from torchvision.transforms import functional as TF
 
 from pipeline.config import DataConfig, config_from_mapping, read_settings
-from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, build_loaders
-from pipeline.data.device import DeviceBatches
-from pipeline.data.loaders import MAX_AUTO_WORKERS
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, TensorBatches, build_loaders
+from pipeline.data import feeding
+from pipeline.data.batches import ImageTransform
+from pipeline.data.feeding import MAX_AUTO_WORKERS
 from pipeline.errors import ConfigError
 from pipeline.runtime import Runtime
 from pipeline.training.loop import fit, sgd
@@ -129,7 +130,7 @@ def test_device_augmentation_matches_torchvision_statistics_and_pixels(tmp_path,
     statistics = {}
     for loader in ("workers", "device"):
         train, _, _ = cifar_loaders(tmp_path, loader, augment=True)
-        assert isinstance(train, DeviceBatches) == (loader == "device")
+        assert isinstance(train, TensorBatches) == (loader == "device")
         draws, views, moments = augmented_epochs(train)
         for (number, dy, dx, flipped), view in zip(draws, views):
             assert torch.equal(view, expected_view(images[number], dy, dx, flipped)), (loader, number, dy, dx)
@@ -158,10 +159,11 @@ def test_device_test_split_equals_torchvision_exactly(tmp_path, monkeypatch):
         assert torch.allclose(inputs_w, inputs_d, atol=1e-6)
 
 
-def device_batches(seed: int = 3, rank: int = 0, world_size: int = 1) -> DeviceBatches:
+def device_batches(seed: int = 3, rank: int = 0, world_size: int = 1) -> TensorBatches:
     images = torch.from_numpy(coded_images(37)).permute(0, 3, 1, 2)
-    return DeviceBatches(images, torch.arange(37), 8, shuffle=True, augment=True, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, seed=seed, rank=rank, world_size=world_size)
+    transform = ImageTransform(augment=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3)
+    return TensorBatches(images, torch.arange(37), 8, shuffle=True, seed=seed, rank=rank, world_size=world_size,
+                         transform=transform)
 
 
 def test_restored_generator_and_iterate_from_replay_an_interrupted_epoch():
@@ -214,10 +216,21 @@ def test_device_mnist_matches_torchvision_up_to_resize_rounding(tmp_path, channe
 
 def test_auto_workers_are_the_cores_at_most_eight_and_persist(tmp_path, monkeypatch):
     write_cifar10(tmp_path, monkeypatch)
-    config = DataConfig(name="cifar10", root=str(tmp_path), loader="auto", num_workers="auto")
+    config = DataConfig(name="cifar10", root=str(tmp_path), loader="workers", num_workers="auto")
     train, test, _ = build_loaders(config, batch_size=50, seed=0, device=CPU)
     assert train.num_workers == min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS) >= 1
     assert train.persistent_workers and test.persistent_workers
+
+
+def test_auto_loader_holds_cifar_in_memory_on_cpu_when_it_fits(tmp_path, monkeypatch):
+    write_cifar10(tmp_path, monkeypatch)
+    config = DataConfig(name="cifar10", root=str(tmp_path), loader="auto", num_workers=0)
+    train, test, _ = build_loaders(config, batch_size=50, seed=0, device=CPU)
+    assert isinstance(train, TensorBatches) and isinstance(test, TensorBatches)
+    dataset_bytes = 6 * IMAGES_PER_FILE * 3 * 32 * 32
+    monkeypatch.setattr(feeding, "free_memory", lambda device: int(dataset_bytes / feeding.MEMORY_SHARE) - 1)
+    train, _, _ = build_loaders(config, batch_size=50, seed=0, device=CPU)
+    assert isinstance(train, torch.utils.data.DataLoader), "a dataset that does not fit goes to worker processes"
 
 
 @pytest.mark.parametrize("edits, key", [

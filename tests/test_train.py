@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig, RegularizerConfig
 from pipeline.data import TensorBatches
-from pipeline.data.device import DeviceBatches
-from pipeline.data.loaders import _dataloaders, _Feed
+from pipeline.data.batches import ImageTransform
+from pipeline.data.feeding import dataloaders
+from pipeline.data.spec import Feed
 from pipeline.errors import TrainingError
 from pipeline.measure.jacobian import JacobianProbe
 from pipeline.pruning.regularizer import TPPRegularizer
@@ -176,11 +177,12 @@ def image_batches(loader):
         return (TensorBatches(images, targets, 16, shuffle=True, seed=3),
                 TensorBatches(images, targets, 45, shuffle=False))
     if loader == "device":
-        common = dict(mean=[0.5], std=[0.25])
-        return (DeviceBatches(pixels, targets, 16, shuffle=True, augment=True, seed=3, **common),
-                DeviceBatches(pixels, targets, 45, shuffle=False, augment=False, **common))
-    feed = _Feed(batch_size=16, seed=3, device=CPU)
-    return _dataloaders(FlippedImages(images, targets, True), FlippedImages(images, targets, False),
+        common = dict(mean=[0.5], std=[0.25], channels=1)
+        return (TensorBatches(pixels, targets, 16, shuffle=True, seed=3,
+                              transform=ImageTransform(augment=True, **common)),
+                TensorBatches(pixels, targets, 45, shuffle=False, transform=ImageTransform(augment=False, **common)))
+    feed = Feed(batch_size=16, seed=3, device=CPU)
+    return dataloaders(FlippedImages(images, targets, True), FlippedImages(images, targets, False),
                         DataConfig(num_workers=1, eval_batch_size=45), feed)
 
 

@@ -110,6 +110,8 @@ class TrainerConfig:
     """How the one training loop runs, whatever it trains: processes, the compiled step, numerics and resume."""
 
     devices: int = 1
+    nodes: int = 1
+    sync_bn: Union[bool, str] = "auto"
     step: str = "eager"
     memory_format: str = "auto"
     tf32: bool = False

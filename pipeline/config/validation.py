@@ -90,6 +90,10 @@ def _validate_training(section: str, train: TrainConfig) -> None:
 
 def _validate_trainer(trainer: TrainerConfig) -> None:
     _positive("trainer.devices", trainer.devices)
+    _positive("trainer.nodes", trainer.nodes)
+    require(isinstance(trainer.sync_bn, bool) or trainer.sync_bn == "auto", "trainer.sync_bn",
+            f"{trainer.sync_bn!r} is not one of auto, true, false (auto and true: BatchNorm statistics over the "
+            f"global batch when several processes train; false: each process normalises with its own shard's)")
     require(trainer.step in STEP_MODES, "trainer.step", f"'{trainer.step}' is not one of {', '.join(STEP_MODES)}")
     require(trainer.memory_format in MEMORY_FORMATS, "trainer.memory_format",
             f"'{trainer.memory_format}' is not one of {', '.join(MEMORY_FORMATS)}")

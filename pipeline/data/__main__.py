@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.data.loaders import materialize_digits
+from pipeline.data.digits import materialize_digits
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

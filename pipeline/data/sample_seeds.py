@@ -4,7 +4,7 @@ A DataLoader normally draws augmentation from each worker's RNG stream, so the d
 and, with persistent workers, on how long the workers have lived: a run resumed mid-epoch (new workers) or run on
 a machine with another core count (`data.num_workers: auto`) would see other crops and flips. Here the sampler
 pairs every index with a seed derived from the run's seed, the epoch and the index, and the dataset reseeds
-torch's RNG from it around that one sample's transforms. Skipping the first batches of an epoch (a resume) is
+torch's CPU generator from it for that one sample's transforms. Skipping the first batches of an epoch (a resume) is
 then exact without producing them.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 SeededIndex = Tuple[int, int]
 
@@ -63,8 +63,10 @@ class SeededSamples(Sampler[SeededIndex]):
 
 
 class SeededDataset(Dataset):
-    """`dataset` indexed by (index, seed): torch's RNG is seeded for the one sample and restored afterwards, so
-    the training process's own RNG stream (a loader without workers) is left exactly as it was."""
+    """`dataset` indexed by (index, seed): the CPU generator that torchvision's transforms draw from is seeded for
+    the one sample. In the training process (a loader without workers) its state is restored afterwards, so the
+    training's own RNG stream is left exactly as it was; the CUDA generators are never touched (dropout on the GPU
+    keeps its stream)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -74,6 +76,13 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: SeededIndex) -> Any:
         index, seed = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        generator = torch.default_generator
+        if get_worker_info() is not None:  # a worker process: its generator serves nothing else
+            generator.manual_seed(seed)
             return self.dataset[index]
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            generator.set_state(state)

@@ -459,10 +459,10 @@ def _study_setup(cells: Sequence[Cell], study_path: Path) -> Config:
                           f"{sorted(setups)}; a study runs on one. Set 'device', 'amp' and 'trainer' in 'settings', "
                           f"not per method or schedule.")
     config = cells[0].config
-    if config.trainer.devices > 1:
-        raise ConfigError(f"{study_path}: trainer.devices is {config.trainer.devices}, but a study runs each cell in "
-                          f"one process. Set trainer.devices: 1 in the study's settings (stages run under "
-                          f"torchrun; studies do not).")
+    if config.trainer.devices * config.trainer.nodes > 1:
+        raise ConfigError(f"{study_path}: trainer.devices is {config.trainer.devices} and trainer.nodes "
+                          f"{config.trainer.nodes}, but a study runs each cell in one process. Set both to 1 in the "
+                          f"study's settings (stages run under torchrun; studies do not).")
     return config
 
 

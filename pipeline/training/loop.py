@@ -3,7 +3,7 @@
 Methods plug in through `TrainingHooks` (extra loss terms, gradient edits between backward and the optimizer
 step, a stopping rule, per-epoch measurements) instead of owning loops of their own. The `Trainer` adds what long
 runs need around the step: resume checkpoints (every `Runtime.checkpoint_every` steps and at every epoch end),
-DistributedDataParallel when several processes train, and a step function that may be compiled or captured
+DistributedDataParallel when several processes train (BatchNorm synchronised, each rank's RNG its own), and a step function that may be compiled or captured
 (`pipeline.training.step`). The step does no host–device synchronisation: losses and correct counts accumulate on
 the device and are read at epoch ends, at resume checkpoints and every `NAN_CHECK_INTERVAL` steps, so a diverged
 loss stops the run before a bad state is saved.
@@ -25,6 +25,7 @@ from pipeline.progress import StageProgress
 from pipeline.runtime import Runtime, autocast
 from pipeline.training import distributed
 from pipeline.hooks import TrainingHooks
+from pipeline.training.batchnorm import synchronised_batchnorm
 from pipeline.training.state import ResumeFile, capture_rng, kill_point, restore_rng
 from pipeline.training.step import StepFunction, build_step
 
@@ -136,8 +137,10 @@ class Trainer:
         epochs = epochs if epochs is not None else math.ceil(max_steps / steps_per_epoch)
         total_steps = max_steps if max_steps is not None else epochs * steps_per_epoch
         order_state = self._restore()
-        step_function = self._build_step(_process_batch_size(train_batches, self.runtime.world_size))
-        with StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
+        with synchronised_batchnorm(self.model, self.runtime.sync_bn and self.runtime.distributed), \
+                StageProgress(self.stage, total=total_steps, enabled=self.runtime.is_main) as progress:
+            step_function = self._build_step(_process_batch_size(train_batches, self.runtime.world_size))
+            distributed.seed_per_rank(self.runtime.rank, self.runtime.world_size)
             progress.advance(self.position.step)
             while self._epoch_to_run(epochs, total_steps):
                 self._run_epoch(step_function, train_batches, test_batches, epochs, total_steps, progress,
@@ -225,6 +228,7 @@ class Trainer:
         if self.resume is None:
             return
         self._check_finite(lr)
+        rng = distributed.all_gather(capture_rng())
         if not self.runtime.is_main:
             return
         position = self.position
@@ -235,7 +239,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "hooks": self.hooks.state_dict(),
-            "rng": capture_rng(), "order": epoch_order,
+            "rng": rng, "order": epoch_order,
         })
 
     def _restore(self) -> Optional[torch.Tensor]:
@@ -245,7 +249,7 @@ class Trainer:
 
         The RNGs are restored only once the interrupted epoch's first batches have been skipped, because batches
         that are produced to be dropped may draw from the global RNG."""
-        state = self.resume.load() if self.resume is not None else None
+        state = self.resume.load(quiet=not self.runtime.is_main) if self.resume is not None else None
         if state is None:
             return None
         self.model.load_state_dict(state["model"])
@@ -254,7 +258,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.hooks.load_state_dict(state["hooks"])
-        self._pending_rng = state["rng"]
+        self._pending_rng = state["rng"][self.runtime.rank]
         self.totals = state["totals"].to(self.runtime.device)
         self.position = _Position(state["epoch"], state["batch"], state["step"], state["count"],
                                   [EpochRecord(**record) for record in state["history"]])

@@ -1,11 +1,11 @@
 """Resume checkpoints: everything the training loop needs to continue a killed run exactly where it stopped.
 
 A resume file holds the model, optimizer, LR scheduler, gradient scaler, the hooks' state (TPP's schedule
-position), every RNG (python, numpy, torch, CUDA), the state of the generator that draws the current epoch's
-sample order (the next epoch's in a file written at an epoch end), the position inside the epoch, the epoch's
-running sums and the history so far. It is written atomically and carries a fingerprint of what produced it
-(settings, data, code, input checkpoints): a file with another fingerprint is discarded with a message, never
-reused. Files load with `torch.load(weights_only=True)`.
+position), every RNG (python, numpy, torch, CUDA) of every process (a list indexed by rank), the state of the
+generator that draws the current epoch's sample order (the next epoch's in a file written at an epoch end), the
+position inside the epoch, the epoch's running sums and the history so far. It is written atomically and carries a
+fingerprint of what produced it (settings, data, code, input checkpoints): a file with another fingerprint is
+discarded with a message, never reused. Files load with `torch.load(weights_only=True)`.
 
 `kill_point` is a test hook: tests/test_resume.py and tests/test_train.py set `KILL_AT_VARIABLE` to kill a run at
 an exact position (after a step, right after a checkpoint, during the epoch-end evaluation) instead of at a
@@ -28,7 +28,7 @@ import torch
 from pipeline.files import atomic_write_bytes
 
 RESUME_FORMAT = "tpp-pipeline/resume"
-RESUME_VERSION = 1
+RESUME_VERSION = 2
 KILL_AT_VARIABLE = "TPP_PIPELINE_TEST_KILL_AT"
 
 
@@ -43,23 +43,25 @@ class ResumeFile:
     fingerprint: str
     announce: Callable[[str], None] = print
 
-    def load(self) -> Optional[Dict[str, Any]]:
-        """The saved state if the file exists, is readable and was written for this fingerprint; else None."""
+    def load(self, *, quiet: bool = False) -> Optional[Dict[str, Any]]:
+        """The saved state if the file exists, is readable and was written for this fingerprint; else None.
+        `quiet` (every process but the main one) announces nothing."""
         if not self.path.is_file():
             return None
+        announce = (lambda line: None) if quiet else self.announce
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated or foreign file: discard it, never crash on it
-            self.announce(f"discarding {self.path}: it is not a readable resume file ({type(error).__name__}); "
+            announce(f"discarding {self.path}: it is not a readable resume file ({type(error).__name__}); "
                           f"starting from the beginning")
             return None
         if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT \
                 or state.get("version") != RESUME_VERSION:
-            self.announce(f"discarding {self.path}: written by another version of tpp-pipeline; starting from the "
+            announce(f"discarding {self.path}: written by another version of tpp-pipeline; starting from the "
                           f"beginning")
             return None
         if state.get("fingerprint") != self.fingerprint:
-            self.announce(f"discarding {self.path}: it was written under other settings, data, code or input "
+            announce(f"discarding {self.path}: it was written under other settings, data, code or input "
                           f"checkpoints; starting from the beginning")
             return None
         return state
