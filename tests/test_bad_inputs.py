@@ -36,7 +36,7 @@ TINY_MLP = {"model.name": "mlp7_linear", "model.options": {"width": 16, "depth":
             "prune.reg.delta": 0.5, "prune.reg.stabilize_steps": 2, "retrain.epochs": 1, "retrain.milestones": [],
             "trainability.jsv_samples": 2, "evaluate.latency_repeats": 1, "evaluate.latency_batch_size": 8}
 NOT_WORKSPACE = (".git", ".dvc/tmp", ".dvc/cache", "__pycache__")
-NO_GPU = "this machine has no CUDA GPU"
+NO_GPU = "this process has no usable CUDA GPU"
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ SETTINGS_CASES = {
                                           ["'params.yaml', outside everything the pretrain stage depends on",
                                            "would not rerun pretraining", "dvc add data"]),
     "batch-not-split-over-processes": (lambda p: (p["trainer"].update(devices=2), p["prune"].update(batch_size=63)),
-                                       ["'prune.batch_size' is 63", "trainer.devices=2", "multiple of 2"]),
+                                       ["'prune.batch_size' is 63", "over 2 processes (trainer.devices × trainer.nodes)", "multiple of 2"]),
 }
 
 

@@ -65,7 +65,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(repo: Path, stage: s
 
 def test_more_processes_than_gpus_is_refused_before_any_work(repo: Path) -> None:
     code, log = run(["python", "stages/pretrain.py", "trainer.devices=2", "device=cuda"], repo, check=False)
-    assert code == 2 and "no CUDA GPU" in log and "Traceback" not in log
+    assert code == 2 and "no usable CUDA GPU" in log and "Traceback" not in log
 
 
 @pytest.mark.slow  # the whole tiny pipeline under `dvc repro` with two processes per training stage: minutes

@@ -43,7 +43,7 @@ def test_the_library_snippet_runs_and_clears_gradients_every_step(config: str, m
     exec(compile(snippet.replace("RegularizerConfig()", config), str(README), "exec"), namespace)
 
     small = namespace["small"]
-    dense_parameters = sum(p.numel() for p in create_model("resnet56", num_classes=10).parameters())
+    dense_parameters = sum(p.numel() for p in create_model("resnet56", 10).parameters())
     assert calls == {"zero_grad": 2, "step": 2} and namespace["tpp"].iteration == 2
     assert sum(p.numel() for p in small.parameters()) < 0.2 * dense_parameters
     assert small.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import RegularizerConfig
-from pipeline.data.loaders import TensorBatches
+from pipeline.data import TensorBatches
 from pipeline.errors import ConfigError
 from pipeline.models import create_model
 from pipeline.pruning.regularizer import TPPRegularizer
