@@ -9,6 +9,9 @@ named. Counts depend only on how many filters go, not which, so a random-weight 
 the trained one.
 
     python -m pipeline.plan [--json] [--suggest] [key=value ...]      (make plan)
+
+One module (~340 lines) on purpose: the per-layer plan, the trial removal that makes its figures exact and the
+two views of them (table, --suggest) read the same dependency-graph groups.
 """
 
 from __future__ import annotations

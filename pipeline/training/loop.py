@@ -7,6 +7,9 @@ DistributedDataParallel when several processes train (BatchNorm synchronised, ea
 (`pipeline.training.step`). The step does no host–device synchronisation: losses and correct counts accumulate on
 the device and are read at epoch ends, at resume checkpoints and every `NAN_CHECK_INTERVAL` steps, so a diverged
 loss stops the run before a bad state is saved.
+
+Its ~340 lines are one class on purpose: the epoch loop, its resume position and its checkpoints share the
+`Trainer`'s state, and splitting them would pass that state around instead of reading it top to bottom.
 """
 
 from __future__ import annotations
