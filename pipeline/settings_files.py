@@ -31,8 +31,8 @@ STAGE_SETTINGS: Dict[str, Sequence[str]] = {
     "pretrain": ("seed", "device", "amp", "trainer", "data", "model", "pretrain"),
     "prune": ("seed", "device", "amp", "trainer", "data", "prune"),
     "retrain": ("seed", "device", "amp", "trainer", "data", "retrain", "trainability"),
-    "evaluate": ("seed", "device", "amp", "trainer", "data", "model.name", "prune.method", "prune.ratio",
-                 "prune.round_to", "retrain.lr", "trainability", "evaluate"),
+    "evaluate": ("seed", "device", "amp", "trainer", "data", "model.name", "model.factory", "prune.method",
+                 "prune.ratio", "prune.round_to", "retrain.lr", "trainability", "evaluate"),
 }
 # Settings that change how a run proceeds but never what it produces: left out of what stages depend on.
 RUN_ONLY_SETTINGS = ("trainer.checkpoint_every", "trainer.resume", "data.num_workers")

@@ -34,12 +34,15 @@ MATRIX = {
     "timm/cspresnet50": REFUSED, "timm/res2net50_14w_8s": REFUSED, "timm/dpn48b": REFUSED,
 }
 FAST = {"torchvision/mobilenet_v3_small"}
+# GoogLeNet's auxiliary classifiers make its training forward return a tuple, which no classification loss takes:
+# a user prunes it with `model.options: {aux_logits: false}`.
+OPTIONS = {"torchvision/googlenet": {"aux_logits": False}}
 
 
 def _outcome(spec: str, tmp_path: Path) -> str:
     """Run the whole chain; return PRUNES, or REFUSED after checking the refusal names a layer of the model."""
     torch.manual_seed(0)
-    model = create_model(spec, 10, in_channels=3, image_size=32).eval()
+    model = create_model(spec, 10, in_channels=3, image_size=32, **OPTIONS.get(spec, {})).eval()
     names = [name for name, _ in model.named_modules() if name]
     try:
         rows = suggest(model, X)
