@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError, PruningError
-from pipeline.measure.cost import count_macs, count_parameters
+from pipeline.measure.cost import count_macs, count_parameters, count_per_module
 from pipeline.models import create_model, model_spec
 from pipeline.pruning.selection import check_understood, select_filters
 from pipeline.settings import load_settings
@@ -60,6 +60,10 @@ class LayerPlan:
     actual: float
     removed_with: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    macs_before: int = 0
+    macs_after: int = 0
 
 
 @dataclass
@@ -88,8 +92,9 @@ def make_plan(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[st
         warnings.simplefilter("always")
         selection = _select(model, example_inputs, ratios, skip, round_to)
         graph = build_graph(model, example_inputs)
-    layers = [_layer_plan(graph, model, name, indices, ratios, skip) for name, indices in selection.items()]
     pruned, max_diff = trial_removal(model, selection, example_inputs)
+    costs = (count_per_module(model, example_inputs), count_per_module(pruned, example_inputs))
+    layers = [_layer_plan(graph, model, name, indices, ratios, skip, costs) for name, indices in selection.items()]
     notes = sorted({" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)})
     return Plan(spec, list(example_inputs.shape[1:]), layers, count_parameters(model), count_parameters(pruned),
                 count_macs(model, example_inputs), count_macs(pruned, example_inputs), max_diff, notes)
@@ -188,7 +193,10 @@ def _select(model: nn.Module, example_inputs: torch.Tensor, ratios: Mapping[str,
 
 
 def _layer_plan(graph: tp.DependencyGraph, model: nn.Module, name: str, indices: torch.Tensor,
-                ratios: Mapping[str, float], skip: Sequence[str]) -> LayerPlan:
+                ratios: Mapping[str, float], skip: Sequence[str],
+                costs: tuple[Dict[str, tuple[int, int]], Dict[str, tuple[int, int]]]) -> LayerPlan:
+    """One layer's row; its parameters and MACs are its own, before and after the trial removal (the after
+    figures also count inputs an earlier pruned layer took away)."""
     module = model.get_submodule(name)
     matching = [pattern for pattern in ratios if fnmatch(name, pattern)]
     filters, count = module.weight.shape[0], len(indices)
@@ -202,8 +210,9 @@ def _layer_plan(graph: tp.DependencyGraph, model: nn.Module, name: str, indices:
                      f"(rounding to whole filters, prune.round_to, or the 99.5% cap)")
     if len(matching) > 1:
         notes.append(f"also matched by {matching[:-1]}; the last pattern wins")
+    (params_before, macs_before), (params_after, macs_after) = costs[0][name], costs[1][name]
     return LayerPlan(name, matching[-1], filters, count, filters - count, requested, count / filters,
-                     members, notes)
+                     members, notes, params_before, params_after, macs_before, macs_after)
 
 
 def _remove_and_compare(model: nn.Module, selection: Mapping[str, torch.Tensor],
@@ -285,12 +294,14 @@ def print_plan(plan: Plan) -> None:
     from rich.table import Table
     console = _console()
     table = Table(title=f"plan: {plan.model} at input {tuple(plan.input_shape)}", show_lines=False)
-    for column in ("layer", "pattern", "filters", "pruned", "kept", "requested", "actual", "removed with"):
-        table.add_column(column, justify="right" if column in ("filters", "pruned", "kept", "requested",
-                                                                   "actual") else "left")
+    numeric = ("filters", "pruned", "kept", "requested", "actual", "params", "MACs")
+    for column in ("layer", "pattern", *numeric, "removed with"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for layer in plan.layers:
         table.add_row(layer.name, layer.pattern, str(layer.filters), str(layer.pruned), str(layer.kept),
-                      f"{layer.requested:.2f}", f"{layer.actual:.2f}", ", ".join(layer.removed_with))
+                      f"{layer.requested:.2f}", f"{layer.actual:.2f}",
+                      f"{_short(layer.params_before)} -> {_short(layer.params_after)}",
+                      f"{_short(layer.macs_before)} -> {_short(layer.macs_after)}", ", ".join(layer.removed_with))
     console.print(table)
     console.print(f"params {plan.params_before:,} -> {plan.params_after:,} "
                   f"({plan.params_after / plan.params_before:.1%}); MACs {plan.macs_before:,} -> "
@@ -301,6 +312,21 @@ def print_plan(plan: Plan) -> None:
             console.print(f"warning: {layer.name}: {note}", markup=False)
     for note in plan.warnings:
         console.print(f"warning: {note}", markup=False)
+
+
+def _console():
+    """Rich's console, wide enough for the table when the output is piped (rich assumes 80 columns then)."""
+    from rich.console import Console
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=200)
+
+
+def _short(count: int) -> str:
+    """12,345,678 -> '12.3M': a table column that stays narrow."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= size:
+            return f"{count / size:.3g}{suffix}"
+    return str(count)
 
 
 def print_suggestions(rows: List[Dict[str, object]]) -> None:

@@ -96,3 +96,33 @@ def test_cli_prints_json(capsys: pytest.CaptureFixture, monkeypatch: pytest.Monk
     main(["--json", "model.name=resnet20", "prune.ratio=0.5"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["model"] == "resnet20" and len(printed["layers"]) == 9
+
+
+def test_cli_prints_the_table_with_each_layers_cost(capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.plan as plan_module
+    monkeypatch.setattr(plan_module, "_architecture", lambda config: ("resnet20", 10, (1, 8, 8)))
+    main(["model.name=resnet20", "prune.ratio=0.5"])
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if "layer1.0.conv1 " in line)
+    assert "2.3k -> 1.15k" in row and "147k -> 73.7k" in row, row   # 16·16·9 weights at 8×8, half the filters
+    assert "MACs" in printed and "x fewer" in printed
+
+
+def test_cli_prints_the_suggestions(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.plan as plan_module
+    monkeypatch.setattr(plan_module, "_architecture", lambda config: ("resnet20", 10, (1, 8, 8)))
+    main(["--suggest", "model.name=resnet20"])
+    printed = capsys.readouterr().out
+    assert 'prune.layers: ["layer1.*.conv1", "layer2.*.conv1", "layer3.*.conv1"]' in printed
+
+
+def test_each_layers_cost_adds_up_to_the_totals() -> None:
+    """A layer's own parameters and MACs before and after removal, from the trial removal itself."""
+    model = create_model("resnet20", 10, in_channels=3, image_size=32)
+    plan = make_plan(model, torch.zeros(1, 3, 32, 32), {"layer*.conv1": 0.5})
+    first = next(layer for layer in plan.layers if layer.name == "layer1.0.conv1")
+    assert (first.params_before, first.params_after) == (16 * 16 * 9, 8 * 16 * 9)
+    assert (first.macs_before, first.macs_after) == (16 * 16 * 9 * 32 * 32, 8 * 16 * 9 * 32 * 32)
+    own_saving = sum(layer.params_before - layer.params_after for layer in plan.layers)
+    assert 0 < own_saving < plan.params_before - plan.params_after   # the next convs' inputs and BNs go too
