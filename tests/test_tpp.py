@@ -1,7 +1,6 @@
 """TPP's formulas, schedule, gradient injection and filter selection."""
 
 import copy
-import math
 
 import pytest
 import torch

@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 from pipeline.errors import TrainingError
 from pipeline.progress import StageProgress
