@@ -61,7 +61,7 @@ def main() -> None:
     arguments = parser.parse_args()
 
     from pipeline.data import materialize_digits
-    from pipeline.study import run_study
+    from pipeline.study.runner import run_study
     from pipeline.study.ray_executor import TASK_LOG, start_ray
 
     folder = Path(tempfile.mkdtemp(prefix="study-bench-"))

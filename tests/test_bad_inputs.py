@@ -516,7 +516,7 @@ seeds: [0]
 
 
 def test_study_run_twice_at_once_is_refused(workspace: Path, capsys: pytest.CaptureFixture) -> None:
-    from pipeline.study import main as study_main
+    from pipeline.study.runner import main as study_main
 
     study = workspace / "studies" / "twice.yaml"
     study.parent.mkdir(exist_ok=True)

@@ -20,7 +20,8 @@ import pipeline.fingerprint as fingerprint
 from pipeline.config import load_config
 from pipeline.data import materialize_digits
 from pipeline.errors import ConfigError
-from pipeline.study import load_study, run_study
+from pipeline.study.grid import load_study
+from pipeline.study.runner import run_study
 from pipeline.study.outputs import epoch_table, mean_std, table1
 
 REPO = Path(__file__).resolve().parents[1]

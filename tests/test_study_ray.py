@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 from pipeline.data import materialize_digits
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.study import run_study
+from pipeline.study.runner import run_study
 from pipeline.study.ray_executor import LOCAL_ONLY_VARIABLE, TASK_LOG, start_ray, task_shape
 from test_study import write_study
 
