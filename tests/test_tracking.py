@@ -194,7 +194,13 @@ def _read_only(folder: Path) -> Iterator[None]:
     if result.returncode != 0:
         pytest.skip(f"cannot mount here ({result.stderr.strip()})")
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        for _ in range(50):   # "busy" while SQLite holds the file open for writing: wait for it to let go
+            result = subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.skip(f"cannot remount read-only here ({result.stderr.strip()})")
         yield
     finally:
         subprocess.run(["umount", str(folder)], check=True)
