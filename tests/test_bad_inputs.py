@@ -405,7 +405,7 @@ def test_mistake_found_before_training_by_validate(workspace: Path, capsys: pyte
 
 
 def test_plan_figures_equal_what_the_prune_stage_produced(workspace: Path) -> None:
-    from pipeline.plan import plan_for_config
+    from pipeline.plan.cli import plan_for_config
     from pipeline.settings import load_settings
     plan = plan_for_config(load_settings())
     metrics = json.loads((workspace / "metrics/prune.json").read_text())

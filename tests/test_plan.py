@@ -10,7 +10,8 @@ import nets_fixture
 from pipeline.errors import PruningError
 from pipeline.measure.cost import count_macs, count_parameters
 from pipeline.models import create_model
-from pipeline.plan import main, make_plan, suggest
+from pipeline.plan import make_plan, suggest
+from pipeline.plan.cli import main
 from pipeline.pruning.selection import select_filters
 from pipeline.pruning.surgery import remove_filters
 
@@ -91,7 +92,7 @@ def test_suggest_marks_head_stem_and_coupled_layers() -> None:
 
 def test_cli_prints_json(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
-    import pipeline.plan as plan_module
+    import pipeline.plan.cli as plan_module
     monkeypatch.setattr(plan_module, "_architecture", lambda config: ("resnet20", 10, (1, 8, 8)))
     main(["--json", "model.name=resnet20", "prune.ratio=0.5"])
     printed = json.loads(capsys.readouterr().out)
@@ -100,7 +101,7 @@ def test_cli_prints_json(capsys: pytest.CaptureFixture, monkeypatch: pytest.Monk
 
 def test_cli_prints_the_table_with_each_layers_cost(capsys: pytest.CaptureFixture,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.plan as plan_module
+    import pipeline.plan.cli as plan_module
     monkeypatch.setattr(plan_module, "_architecture", lambda config: ("resnet20", 10, (1, 8, 8)))
     main(["model.name=resnet20", "prune.ratio=0.5"])
     printed = capsys.readouterr().out
@@ -110,7 +111,7 @@ def test_cli_prints_the_table_with_each_layers_cost(capsys: pytest.CaptureFixtur
 
 
 def test_cli_prints_the_suggestions(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.plan as plan_module
+    import pipeline.plan.cli as plan_module
     monkeypatch.setattr(plan_module, "_architecture", lambda config: ("resnet20", 10, (1, 8, 8)))
     main(["--suggest", "model.name=resnet20"])
     printed = capsys.readouterr().out
