@@ -16,6 +16,7 @@ from pipeline.plan.suggest import suggest
 from pipeline.settings import load_settings
 from pipeline.stage import reported_errors
 
+
 def plan_for_config(config: Config) -> Plan:
     """The plan of params.yaml's settings: the model built with random weights at the dataset's input shape."""
     spec, num_classes, shape = _architecture(config)

@@ -23,7 +23,6 @@ from pipeline.pruning.surgery import build_graph, consumer_inputs, group_members
 # Relative tolerance of the removal-versus-masked-network check: float32 sums taken in another order differ by
 # ~1e-6; a misread channel moves outputs by far more.
 TOLERANCE = 1e-4
-
 # A layer whose actual ratio differs from the requested one by more than this gets a warning (round_to at work).
 RATIO_DRIFT = 0.05
 

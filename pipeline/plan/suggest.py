@@ -16,6 +16,7 @@ from pipeline.plan.removal import first_line
 from pipeline.pruning.selection import check_understood
 from pipeline.pruning.surgery import build_graph, check_removable, group_members, prunable_layers, pruning_group
 
+
 def suggest(model: nn.Module, example_inputs: torch.Tensor) -> List[Dict[str, object]]:
     """Every Conv/Linear layer classified (head, stem, coupled stream, refused, prunable), and ready-to-paste
     patterns that match only prunable, independent layers."""
