@@ -127,3 +127,18 @@ def test_each_layers_cost_adds_up_to_the_totals() -> None:
     assert (first.macs_before, first.macs_after) == (16 * 16 * 9 * 32 * 32, 8 * 16 * 9 * 32 * 32)
     own_saving = sum(layer.params_before - layer.params_after for layer in plan.layers)
     assert 0 < own_saving < plan.params_before - plan.params_after   # the next convs' inputs and BNs go too
+
+
+def test_a_reordering_is_refused_even_when_the_random_choice_of_filters_hides_it() -> None:
+    """Reversing 8 channels maps the mirror-symmetric choice {0, 1, 6, 7} onto itself, so removing exactly those
+    is exact by chance (about 1 random choice in 12 is symmetric); the trained network would choose others. The
+    second choice of filters that the trial removal checks catches it."""
+    from pipeline.plan import trial_removal
+    from pipeline.plan.removal import _remove_and_compare
+    torch.manual_seed(0)
+    model = nets_fixture.Flip(10).eval()
+    symmetric = {"a": torch.tensor([0, 1, 6, 7])}
+    _, diff, _ = _remove_and_compare(model, symmetric, X)
+    assert diff < 1e-5, "the symmetric choice alone cannot see the reversal"
+    with pytest.raises(PruningError, match="'a' changes what the network computes"):
+        trial_removal(model, symmetric, X)
