@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -172,12 +173,33 @@ def test_a_failing_cell_is_reported_with_its_settings_and_the_others_finish(proj
         "L1 · ratio 0.5 · fast · seed 0"]
 
 
+def wait_until_gone(marker: str, timeout: float = 300) -> None:
+    """Wait until no process has `marker` (NAME=VALUE) in its environment: the Ray processes a killed driver
+    started inherit its environment and outlive it briefly (a worker notices its raylet is gone only when its
+    task returns)."""
+    name, value = marker.split("=")
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get(name) == value:
+                    alive.append(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes of the killed driver still run after {timeout:.0f} s: {alive}"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow  # a driver of its own (its own Ray start), killed, then the study rerun
 def test_a_killed_driver_loses_only_running_tasks(project: Path, local_ray: Path) -> None:
     study = write_study(project, methods={"L1": {"prune.method": "l1"}})
     output = project / "out"
     cache = output / "cache"
-    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    marker = f"TPP_TEST_KILLED_DRIVER={uuid.uuid4().hex}"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "TPP_TEST_KILLED_DRIVER": marker.split("=")[1]}
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.study", str(study), "--executor", "ray", "--output",
                                str(output), "--gpus-per-task", "0"], cwd=project, env=environment,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -186,6 +208,7 @@ def test_a_killed_driver_loses_only_running_tasks(project: Path, local_ray: Path
         time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
+    wait_until_gone(marker)   # its Ray workers finish their running task (writing it to the cache), then exit
     finished = {path: path.stat().st_mtime_ns for path in cache.glob("*-*.*")}
     assert any(path.name.startswith("cell-") for path in finished) and len(list(cache.glob("cell-*.json"))) < 4
     before = len(tasks(output))
